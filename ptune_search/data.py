@@ -153,13 +153,10 @@ def load_examples(spec: TaskSpec) -> Examples:
             f"task {spec.name!r} is neither a packaged task {PACKAGED_TASKS} nor an existing file; "
             f"give one of those names or the path of a {'/'.join(TABLE_EXTENSIONS)} file"
         )
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        pairs = _read_csv(path, spec.text_column, spec.label_column)
-    elif suffix == ".jsonl":
-        pairs = _read_jsonl(path, spec.text_column, spec.label_column)
-    else:
-        raise ValueError(f"task file {path} has unknown extension {path.suffix!r}; use one of {TABLE_EXTENSIONS}")
+    try:
+        pairs = _read_table(path, spec.text_column, spec.label_column)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"task file {path} is not UTF-8 text ({error}); save it as UTF-8") from None
     return _examples_from_pairs(pairs, str(path))
 
 
@@ -192,11 +189,20 @@ def _read_text(path: Path) -> str:
     return text.strip()
 
 
+def _read_table(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path, text_column, label_column)
+    if suffix == ".jsonl":
+        return _read_jsonl(path, text_column, label_column)
+    raise ValueError(f"task file {path} has unknown extension {path.suffix!r}; use one of {TABLE_EXTENSIONS}")
+
+
 def _read_csv(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
     with path.open(encoding="utf-8-sig", newline="") as file:
         reader = csv.DictReader(file)
         if reader.fieldnames is None:
-            raise ValueError(f"{path} is empty; it needs a header row naming the columns {text_column!r} and {label_column!r}")
+            raise ValueError(f"{path} is empty; it needs a header row with columns {text_column!r}, {label_column!r}")
         for column, setting in ((text_column, "text_column"), (label_column, "label_column")):
             _check_column(column, setting, reader.fieldnames, str(path))
         return [_checked_pair(row, text_column, label_column, f"{path} line {reader.line_num}") for row in reader]
@@ -231,10 +237,11 @@ def _checked_pair(record: dict[str, Any], text_column: str, label_column: str, w
     they are refused here; integer labels become strings."""
     text, label = record[text_column], record[label_column]
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{where}: column {text_column!r} must be a non-empty string (got {text!r}); fix or drop that row")
+        raise ValueError(f"{where}: column {text_column!r} must be a non-empty string (got {text!r}); fix/drop the row")
     if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
         raise ValueError(
-            f"{where}: column {label_column!r} must be a non-empty string or an integer (got {label!r}); fix or drop that row"
+            f"{where}: column {label_column!r} must be a non-empty string or an integer (got {label!r}); "
+            "fix/drop the row"
         )
     return text, str(label)
 
@@ -292,8 +299,8 @@ def stratified_split(
     validation = [i for indices, v in zip(class_indices, validation_counts) for i in indices[:v]]
     train = [i for indices, v, t in zip(class_indices, validation_counts, train_counts) for i in indices[v : v + t]]
     rng = random.Random(seed)  # mix the classes so an unshuffled pass does not see one class at a time
+    rng.shuffle(validation)  # validation first: its order must not depend on train_size either
     rng.shuffle(train)
-    rng.shuffle(validation)
     return _subset(examples, train), _subset(examples, validation)
 
 

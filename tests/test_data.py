@@ -168,16 +168,19 @@ def test_jsonl_task_with_int_labels_sorted_numerically(tmp_path: Path, tokenizer
         ("data.jsonl", '{"text": "a", "y": 1}\n', ValueError, r"line 1 has no column 'label'.*\['text', 'y'\]"),
         ("data.csv", "text,label\na,x\nb,x\n", ValueError, "1 class.*at least 2"),
         ("data.csv", "text,label\na,x\n ,y\n", ValueError, "line 3: column 'text' must be a non-empty string"),
-        ("data.jsonl", '{"text": "a", "label": 1.5}\n', ValueError, "column 'label' must be a non-empty string or an integer"),
+        ("data.jsonl", '{"text": "a", "label": 1.5}\n', ValueError, "'label' must be a non-empty string or an integer"),
         ("data.jsonl", '{"text": "a", "label": "x"}\nnot json\n', ValueError, "line 2 is not valid JSON"),
         ("data.jsonl", '["a", "x"]\n', ValueError, "not a JSON object"),
+        ("data.csv", b"text,label\n\xa3,x\n", ValueError, "is not UTF-8 text"),
     ],
 )
 def test_table_task_errors(
-    tmp_path: Path, name: str, content: str | None, error: type[Exception], match: str
+    tmp_path: Path, name: str, content: str | bytes | None, error: type[Exception], match: str
 ) -> None:
     path = tmp_path / name
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content, encoding="utf-8")
     with pytest.raises(error, match=match):
         load_examples(TaskSpec(str(path)))

@@ -1,0 +1,60 @@
+"""The ``ptune-search`` command: parses arguments and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+from ptune_search.pretrained import PACKAGED_MODELS
+
+
+def _prepare_model(args: argparse.Namespace) -> None:
+    from ptune_search.pretrained import prepare_model
+
+    print(prepare_model(args.alias, args.out))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from ptune_search.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        model=args.model, tuning_mode=args.tuning_mode, pre_seq_len=args.pre_seq_len, steps=args.steps, lr=args.lr
+    )
+    result = run_demo(settings)
+    print(json.dumps(dataclasses.asdict(result)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptune-search", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare-model", help="convert a packaged model into a Hugging Face folder")
+    prepare.add_argument("alias", choices=sorted(PACKAGED_MODELS))
+    prepare.add_argument("--out", default=None, help="target folder (default: a cache folder)")
+    prepare.set_defaults(run=_prepare_model)
+
+    demo = commands.add_parser("demo", help="a short prompt-tuning run on local blocks")
+    demo.add_argument("--model", default="smollm2-135m", help="model folder or packaged alias")
+    demo.add_argument("--tuning-mode", default="ptune", choices=["ptune", "deep_ptune"])
+    demo.add_argument("--pre-seq-len", type=int, default=16)
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"ptune-search {args.command}: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

