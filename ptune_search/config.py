@@ -1,0 +1,469 @@
+"""The experiment config: one YAML schema, validated (with errors that name the field) before anything starts.
+
+A config is a YAML mapping of sections (``task``, ``swarm``, ``search_space``, ``budget``, ...); every key has a
+default, unknown keys are errors, and types are strict (``max_steps: "40"`` or ``max_steps: true`` is refused,
+not coerced). ``load_config`` reads a file, applies ``--set dotted.key=value`` overrides and returns an
+``ExperimentConfig`` whose paths are absolute, so trials that run in another working directory (Ray gives
+each trial its own) find the same model, data and MLflow database::
+
+    config = load_config("experiments/smollm2_bbc_news.yaml", ["budget.max_steps=5"])
+    config.output_dir      # PosixPath('/abs/runs/smollm2_bbc_news')
+    config.tracking_uri    # 'sqlite:////abs/runs/smollm2_bbc_news/mlflow.db'
+
+Every problem is reported at once, one per line, as ``<dotted.path>: <value> is not allowed: <rule>``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationInfo
+from pydantic import ValidationError, field_validator, model_validator
+
+TABLE_EXTENSIONS = (".csv", ".jsonl")  # the task files data.py reads
+TUNING_MODES = ("ptune", "deep_ptune")
+_MAX_SHOWN = 100  # characters of a value quoted in an error
+
+Name = Annotated[StrictStr, Field(min_length=1)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+
+class ConfigError(ValueError):
+    """An invalid experiment config; ``problems`` holds one line per broken field, each naming its dotted path."""
+
+    def __init__(self, problems: str | Sequence[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _Problem(ValueError):
+    """A rule broken at ``loc`` (relative to where the validator runs), with the message after ``<path>: ``.
+
+    ``{section}`` in the message becomes the validator's dotted prefix, so a rule can name sibling fields by
+    their full path (``must be <= budget.max_steps``) without the section knowing where it sits.
+    """
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class TaskConfig(_Section):
+    """Which classification task to tune on, and how much of it."""
+
+    name: Name = "bbc_news"
+    text_column: Name = "text"
+    label_column: Name = "label"
+    max_length: Annotated[StrictInt, Field(ge=8)] = 64
+    train_size: Optional[PositiveInt] = None  # None: every example not used for validation
+    validation_size: Optional[PositiveInt] = None  # None: 20% of the examples
+
+    @field_validator("name")
+    @classmethod
+    def _packaged_or_table(cls, name: str, info: ValidationInfo) -> str:
+        from ptune_search.data import PACKAGED_TASKS  # lazily: data.py imports torch
+
+        if name in PACKAGED_TASKS:
+            return name
+        if not name.endswith(TABLE_EXTENSIONS):
+            raise ValueError(
+                f"must be a packaged task ({', '.join(PACKAGED_TASKS)}) or the path of a "
+                f"{' or '.join(TABLE_EXTENSIONS)} file"
+            )
+        path = _absolute(name, info)
+        if _checks_paths(info) and not path.is_file():
+            raise _Problem((), f"{name} does not exist; give an existing {' or '.join(TABLE_EXTENSIONS)} file")
+        return str(path)
+
+
+class SwarmConfig(_Section):
+    """The block servers trials share: started by the search (local) or already running (external)."""
+
+    mode: Literal["local", "external"] = "local"
+    servers: PositiveInt = 2  # local only
+    replicas: PositiveInt = 1  # local only
+    initial_peers: list[StrictStr] = Field(default_factory=list)  # external only
+
+    @field_validator("initial_peers")
+    @classmethod
+    def _multiaddrs(cls, peers: list[str]) -> list[str]:
+        for index, peer in enumerate(peers):
+            if not (peer.startswith("/") and "/p2p/" in peer):
+                raise _Problem(
+                    (index,),
+                    f"{_show(peer)} is not allowed: must be a multiaddr like /ip4/10.0.0.5/tcp/31337/p2p/Qm...",
+                )
+        return peers
+
+    @model_validator(mode="after")
+    def _peers_match_mode(self) -> SwarmConfig:
+        if self.mode == "external" and not self.initial_peers:
+            raise _Problem(
+                ("initial_peers",),
+                "[] is not allowed: {section}mode 'external' needs at least one peer multiaddr to join",
+            )
+        if self.mode == "local" and self.initial_peers:
+            raise _Problem(
+                ("initial_peers",),
+                f"{_show(self.initial_peers)} is not allowed: must be empty when {{section}}mode is 'local' "
+                "(the search starts its own swarm); set {section}mode to 'external' to join these peers",
+            )
+        return self
+
+
+class IntRange(_Section):
+    """An integer interval sampled uniformly."""
+
+    low: PositiveInt
+    high: PositiveInt
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        _check_ordered(self.low, self.high)
+        return self
+
+
+class LogRange(_Section):
+    """A positive float interval sampled on a log scale."""
+
+    low: Annotated[float, Field(gt=0)]
+    high: Annotated[float, Field(gt=0)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LogRange:
+        _check_ordered(self.low, self.high)
+        return self
+
+
+class SearchSpace(_Section):
+    """What Optuna chooses for each trial."""
+
+    tuning_modes: Annotated[list[Literal["ptune", "deep_ptune"]], Field(min_length=1)] = Field(
+        default_factory=lambda: list(TUNING_MODES)
+    )
+    pre_seq_len: IntRange = Field(default_factory=lambda: IntRange(low=4, high=32))
+    lr: LogRange = Field(default_factory=lambda: LogRange(low=1.0e-4, high=3.0e-2))
+
+    @model_validator(mode="after")
+    def _modes_unique(self) -> SearchSpace:
+        for index, mode in enumerate(self.tuning_modes):
+            first = self.tuning_modes.index(mode)
+            if first < index:
+                raise _Problem(
+                    ("tuning_modes", index),
+                    f"{_show(mode)} is not allowed: repeats {{section}}tuning_modes[{first}]",
+                )
+        return self
+
+
+class Budget(_Section):
+    """How many trials, how long each trains, and how often it is evaluated (and may be stopped)."""
+
+    num_samples: PositiveInt = 6
+    max_steps: PositiveInt = 40
+    eval_every: PositiveInt = 10
+    batch_size: PositiveInt = 8
+    max_concurrent_trials: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _eval_within_training(self) -> Budget:
+        if self.eval_every > self.max_steps:
+            raise _Problem(
+                ("eval_every",),
+                f"{self.eval_every} is not allowed: must be <= {{section}}max_steps ({self.max_steps})",
+            )
+        return self
+
+
+class SchedulerConfig(_Section):
+    """ASHA: a trial runs at least ``grace_period`` steps; each rung keeps 1/``reduction_factor`` of the trials."""
+
+    grace_period: PositiveInt = 10
+    reduction_factor: Annotated[float, Field(gt=1)] = 2
+
+
+class ResourcesConfig(_Section):
+    """What Ray reserves for each trial actor."""
+
+    cpu: Annotated[float, Field(gt=0)] = 1
+
+
+class MLflowConfig(_Section):
+    """Where trials are recorded; ``tracking_uri`` is absolute once the config is loaded."""
+
+    tracking_uri: Optional[Name] = None  # None: sqlite:///<output_dir>/mlflow.db
+    experiment_name: Name = "ptune-search"
+
+
+class ExperimentConfig(_Section):
+    """A whole search: model, task, swarm, search space, budget and where results go (see module docstring)."""
+
+    model: Annotated[StrictStr, Field(min_length=1, validate_default=True)] = "smollm2-135m"
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    search_space: SearchSpace = Field(default_factory=SearchSpace)
+    budget: Budget = Field(default_factory=Budget)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    baseline: StrictBool = True  # also run a head-only trial (no prompts) with the same budget
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**32)] = 0
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    output_dir: Annotated[Path, Field(strict=False, validate_default=True)] = Path("runs/default")
+
+    @field_validator("model")
+    @classmethod
+    def _alias_or_checkpoint(cls, model: str, info: ValidationInfo) -> str:
+        from ptune_search.pretrained import PACKAGED_MODELS, packaged_gguf  # lazily: pretrained.py imports torch
+
+        if model in PACKAGED_MODELS:
+            if _checks_paths(info):
+                try:
+                    packaged_gguf(model)
+                except FileNotFoundError as error:
+                    raise _Problem((), f"{model} is not usable: {error}") from None
+            return model
+        path = _absolute(model, info)
+        if _checks_paths(info) and not (path / "config.json").is_file():
+            problem = "is a folder without config.json" if path.is_dir() else "does not exist"
+            raise _Problem(
+                (),
+                f"{model} {problem}; use a packaged alias ({', '.join(sorted(PACKAGED_MODELS))}) "
+                "or a Hugging Face checkpoint folder",
+            )
+        return str(path)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _absolute_output_dir(cls, output_dir: Path, info: ValidationInfo) -> Path:
+        return _absolute(output_dir, info)
+
+    @model_validator(mode="after")
+    def _resolve(self, info: ValidationInfo) -> ExperimentConfig:
+        if self.scheduler.grace_period > self.budget.max_steps:
+            raise _Problem(
+                ("scheduler", "grace_period"),
+                f"{self.scheduler.grace_period} is not allowed: must be <= budget.max_steps ({self.budget.max_steps})",
+            )
+        self.mlflow.tracking_uri = _resolve_tracking_uri(self.mlflow.tracking_uri, self.output_dir, info)
+        return self
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI, absolute (relative ones break inside Ray trials, which change directory)."""
+        assert self.mlflow.tracking_uri is not None  # set by _resolve
+        return self.mlflow.tracking_uri
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able, for logging the resolved config to MLflow."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, loadable again with ``load_config``."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_config(
+    path: str | Path, overrides: Sequence[str] = (), *, check_paths: bool = True
+) -> ExperimentConfig:
+    """Read a YAML config, apply ``dotted.key=value`` overrides and validate; relative paths are taken from the cwd.
+
+    ``check_paths=False`` skips the existence checks of the model and task files (not their validation).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the config file: {error}") from None
+    try:
+        data = yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(error)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: {_show(data)} is not allowed: the config must be a mapping of sections "
+            f"({', '.join(ExperimentConfig.model_fields)})"
+        )
+    for override in overrides:
+        _apply_override(data, override)
+    return parse_config(data, check_paths=check_paths)
+
+
+def parse_config(
+    data: Mapping[str, Any], base_dir: str | Path | None = None, *, check_paths: bool = True
+) -> ExperimentConfig:
+    """Validate a config mapping; relative paths are taken from ``base_dir`` (default: the cwd)."""
+    context = {"base_dir": Path(base_dir) if base_dir is not None else Path.cwd(), "check_paths": check_paths}
+    try:
+        return ExperimentConfig.model_validate(data, context=context)
+    except ValidationError as error:
+        raise ConfigError([_describe(detail) for detail in error.errors()]) from None
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """``'budget.max_steps=5'`` -> (['budget', 'max_steps'], 5); the value is read as YAML."""
+    key, sep, text = override.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"override {override!r} is not allowed: must be dotted.key=value, e.g. budget.max_steps=5")
+    try:
+        value = yaml.load(text, Loader=_ConfigLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{key.strip()}: override value {text!r} is not valid YAML: {_yaml_problem(error)}") from None
+    return keys, value
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    keys, value = parse_override(override)
+    section = data
+    for depth, key in enumerate(keys[:-1]):
+        section = section.setdefault(key, {})
+        if not isinstance(section, dict):
+            parent = ".".join(keys[: depth + 1])
+            raise ConfigError(f"{'.'.join(keys)}: cannot set: {parent} is {_show(section)}, not a mapping")
+    section[keys[-1]] = value
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML with two traps removed: duplicate keys are errors, and ``1e-3`` is a float (YAML 1.1 reads a string)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what, without PyYAML's '<unicode string>' noise."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        what = " ".join(part for part in (error.context, error.problem) if part)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+    return " ".join(str(error).split())
+
+
+def _check_ordered(low: float, high: float) -> None:
+    if low > high:
+        raise _Problem(("low",), f"{low} is not allowed: must be <= {{section}}high ({high})")
+
+
+def _checks_paths(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("check_paths", True))
+
+
+def _absolute(path: str | Path, info: ValidationInfo) -> Path:
+    """``path`` made absolute against the context's base_dir, lexically (no symlinks followed, no I/O)."""
+    base_dir = (info.context or {}).get("base_dir") or Path.cwd()
+    return Path(os.path.abspath(Path(base_dir).expanduser() / Path(path).expanduser()))
+
+
+def _resolve_tracking_uri(uri: Optional[str], output_dir: Path, info: ValidationInfo) -> str:
+    if uri is None:
+        return f"sqlite:///{output_dir / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        return f"sqlite:///{_absolute(uri[len('sqlite:///'):], info)}"
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    if scheme is None or scheme.group(1).lower() == "file":
+        raise _Problem(
+            ("mlflow", "tracking_uri"),
+            f"{_show(uri)} is not allowed: MLflow refuses file stores; use sqlite:///<path>/mlflow.db, "
+            "an http(s):// tracking server, or null for sqlite:///<output_dir>/mlflow.db",
+        )
+    return uri
+
+
+def _describe(detail: Mapping[str, Any]) -> str:
+    """One line for one pydantic error: ``<dotted.path>: <value> is not allowed: <rule>``."""
+    loc, kind, value = tuple(detail["loc"]), detail["type"], detail.get("input")
+    ctx = detail.get("ctx") or {}
+    error = ctx.get("error")
+    if isinstance(error, _Problem):
+        section = _dotted(loc)
+        prefix = f"{section}." if section else ""
+        return f"{_dotted((*loc, *error.loc))}: {error.message.replace('{section}', prefix)}"
+    if kind in ("extra_forbidden", "invalid_key"):
+        parent, key = loc[:-1], str(loc[-1])
+        allowed = list(_section_model(parent).model_fields)
+        path = _dotted((*parent, key))
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"{path}: unknown field; allowed: {', '.join(allowed)}{hint}"
+    if kind == "missing":
+        return f"{_dotted(loc)}: missing; this field is required"
+    return f"{_dotted(loc)}: {_show(value)} is not allowed: {_rule(kind, ctx, loc, str(detail['msg']))}"
+
+
+def _rule(kind: str, ctx: Mapping[str, Any], loc: tuple[Any, ...], message: str) -> str:
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        return f"must be {bounds[kind]} {next(iter(ctx.values()))}"
+    if kind == "model_type":
+        return f"must be a mapping with keys {', '.join(_section_model(loc).model_fields)}"
+    rules = {
+        "int_type": "must be an integer",
+        "float_type": "must be a number",
+        "finite_number": "must be a finite number",
+        "string_type": "must be a string",
+        "string_too_short": "must not be empty",
+        "bool_type": "must be true or false",
+        "list_type": "must be a list",
+        "too_short": "must not be empty",
+        "path_type": "must be a path",
+    }
+    if kind in rules:
+        return rules[kind]
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}"
+    if kind == "value_error":
+        return str(ctx["error"])
+    return message[:1].lower() + message[1:]
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The model class of the section at ``loc`` (``()`` is the whole config)."""
+    model: type[BaseModel] = ExperimentConfig
+    for key in loc:
+        model = model.model_fields[key].annotation  # type: ignore[assignment]  # sections are plain model fields
+    return model
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for key in loc:
+        path += f"[{key}]" if isinstance(key, int) else (f".{key}" if path else str(key))
+    return path
+
+
+def _show(value: Any) -> str:
+    """A value as a user wrote it in YAML flow style (null, true, "text", [1, 2]), shortened."""
+    try:
+        shown = json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        shown = repr(value)
+    return shown if len(shown) <= _MAX_SHOWN else shown[: _MAX_SHOWN - 3] + "..."
