@@ -1,0 +1,122 @@
+"""``python -m ptune_search.swarm dht|serve|local ...``: the swarm's processes, for launchers and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+from typing import Optional, Sequence
+
+from ptune_search.swarm.launcher import (
+    PARENT_PID_ENV,
+    read_peers_file,
+    run_block_server,
+    run_bootstrap_peer,
+    run_local_swarm,
+)
+
+PR_SET_PDEATHSIG = 1
+
+
+def add_swarm_arguments(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``dht``, ``serve`` and ``local`` subcommands (shared with the ``ptune-search swarm`` CLI)."""
+    dht = subparsers.add_parser("dht", help="run a bootstrap peer that writes its multiaddrs to a file")
+    dht.add_argument("--peers-file", help="write the peer's multiaddrs here, one a line")
+    dht.add_argument("--host", default="127.0.0.1")
+    dht.add_argument("--port", type=int, default=0)
+
+    serve = subparsers.add_parser("serve", help="serve blocks A..B-1 of a model to the swarm")
+    serve.add_argument("--model", required=True, help="folder of a Hugging Face checkpoint (safetensors)")
+    serve.add_argument("--blocks", required=True, help="START:END, e.g. 0:15 serves blocks 0..14")
+    peers = serve.add_mutually_exclusive_group(required=True)
+    peers.add_argument("--initial-peers", nargs="+", help="multiaddrs of a bootstrap peer")
+    peers.add_argument("--peers-file", help="file with the bootstrap multiaddrs, one a line")
+    _add_server_options(serve)
+    serve.add_argument("--max-tokens", type=int, help="largest batch * length accepted")
+    serve.add_argument("--max-payload-bytes", type=int, help="largest request payload accepted")
+    serve.add_argument("--cache-bytes", type=int, help="memory for forward graphs kept for backward")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0)
+
+    local = subparsers.add_parser("local", help="a bootstrap peer plus N block servers on 127.0.0.1")
+    local.add_argument("--model", required=True)
+    local.add_argument("--servers", type=int, required=True, help="number of block servers in total")
+    local.add_argument("--replicas", type=int, default=1, help="servers per span (divides --servers)")
+    local.add_argument("--peers-file", required=True, help="written once every block is online")
+    local.add_argument("--log-dir", help="server logs (default: a new temporary folder)")
+    _add_server_options(local)
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dht-prefix", help="model name in the DHT (default: the model folder's name)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--num-threads", type=int, help="torch threads per server")
+    parser.add_argument("--record-ttl", type=float, default=60.0, help="seconds a server's DHT records live")
+    parser.add_argument("--refresh-period", type=float, help="seconds between refreshes (default: ttl / 3)")
+
+
+def run_swarm_command(args: argparse.Namespace) -> None:
+    if args.command == "dht":
+        run_bootstrap_peer(args.peers_file, host=args.host, port=args.port)
+    elif args.command == "serve":
+        run_block_server(
+            args.model,
+            args.blocks,
+            args.initial_peers or read_peers_file(args.peers_file),
+            dht_prefix=args.dht_prefix,
+            dtype=args.dtype,
+            num_threads=args.num_threads,
+            record_ttl=args.record_ttl,
+            refresh_period=args.refresh_period,
+            max_tokens=args.max_tokens,
+            max_payload_bytes=args.max_payload_bytes,
+            cache_bytes=args.cache_bytes,
+            host=args.host,
+            port=args.port,
+        )
+    elif args.command == "local":
+        server_args = ["--record-ttl", str(args.record_ttl)]
+        if args.refresh_period:
+            server_args += ["--refresh-period", str(args.refresh_period)]
+        run_local_swarm(
+            args.model,
+            args.servers,
+            args.peers_file,
+            replicas=args.replicas,
+            dht_prefix=args.dht_prefix,
+            dtype=args.dtype,
+            num_threads=args.num_threads,
+            server_args=server_args,
+            log_dir=args.log_dir,
+        )
+    else:
+        raise ValueError(f"unknown swarm command {args.command!r}")
+
+
+def _die_with_parent() -> None:
+    """When started by a LocalSwarm, get SIGTERM (a clean shutdown) if the launcher dies."""
+    expected_parent = os.environ.pop(PARENT_PID_ENV, None)
+    if expected_parent is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        return
+    if os.getppid() != int(expected_parent):  # the launcher died before prctl took effect
+        sys.exit(1)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ptune_search.swarm", description=__doc__)
+    add_swarm_arguments(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _die_with_parent()
+    run_swarm_command(args)
+
+
+if __name__ == "__main__":
+    main()

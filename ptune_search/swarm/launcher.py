@@ -1,0 +1,378 @@
+"""Starting swarms: a bootstrap peer, one block server, or a whole local swarm of subprocesses.
+
+The ``run_*`` functions block until SIGINT or SIGTERM, then leave the swarm cleanly (records go offline, the
+p2p daemons stop). :class:`LocalSwarm` starts a bootstrap peer and block servers as subprocesses on
+127.0.0.1, each in its own process group so that stopping it, even with SIGKILL, leaves no p2pd behind.
+
+Example::
+
+    with LocalSwarm("/models/tiny", servers=2) as swarm:   # returns once every block is online
+        model = DistributedLlamaForCausalLM.from_pretrained("/models/tiny", initial_peers=swarm.initial_peers)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO, Awaitable, Callable, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+PARENT_PID_ENV = "PTUNE_SWARM_PARENT_PID"
+
+
+def parse_blocks(blocks: str | tuple[int, int]) -> tuple[int, int]:
+    """``"3:7" -> (3, 7)``: blocks 3, 4, 5 and 6."""
+    if isinstance(blocks, tuple):
+        start, end = blocks
+    else:
+        try:
+            start_text, end_text = blocks.split(":")
+            start, end = int(start_text), int(end_text)
+        except ValueError:
+            raise ValueError(f"--blocks must look like START:END, e.g. 0:15 (got {blocks!r})") from None
+    if not 0 <= start < end:
+        raise ValueError(f"--blocks START:END needs 0 <= START < END (got {start}:{end})")
+    return start, end
+
+
+def write_peers_file(path: str | Path, maddrs: Sequence[str]) -> None:
+    """Write multiaddrs one per line, atomically: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(f"{maddr}\n" for maddr in maddrs))
+    os.replace(tmp, path)
+
+
+def read_peers_file(path: str | Path) -> list[str]:
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """``asyncio.run(main(stop))`` where ``stop`` is set by SIGINT or SIGTERM (when run in the main thread)."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+def run_bootstrap_peer(peers_file: Optional[str | Path] = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    """A DHT peer that others join through; writes its multiaddrs to ``peers_file`` and stdout, runs until a signal."""
+
+    async def main(stop: asyncio.Event) -> None:
+        from hivemind.dht import DHTNode
+
+        node = await DHTNode.create(host_maddrs=[f"/ip4/{host}/tcp/{port}"])
+        try:
+            maddrs = [str(addr) for addr in await node.get_visible_maddrs()]
+            if peers_file is not None:
+                write_peers_file(peers_file, maddrs)
+            print("\n".join(maddrs), flush=True)
+            await stop.wait()
+        finally:
+            await node.shutdown()
+
+    run_until_signal(main)
+
+
+def run_block_server(
+    model: str | Path,
+    blocks: str | tuple[int, int],
+    initial_peers: Sequence[str],
+    *,
+    dht_prefix: Optional[str] = None,
+    dtype: str = "float32",
+    num_threads: Optional[int] = None,
+    record_ttl: float = 60.0,
+    refresh_period: Optional[float] = None,
+    max_tokens: Optional[int] = None,
+    max_payload_bytes: Optional[int] = None,
+    cache_bytes: Optional[int] = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> None:
+    """Serve blocks ``blocks`` ("A:B": A..B-1) of the checkpoint ``model`` until SIGINT or SIGTERM."""
+    import torch
+
+    from ptune_search.swarm.protocol import RequestLimits
+    from ptune_search.swarm.server import BlockServer, ServerSettings
+
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16 (got {dtype!r})")
+    start, end = parse_blocks(blocks)
+    limits = RequestLimits()
+    limits = dataclasses.replace(
+        limits,
+        max_tokens=max_tokens or limits.max_tokens,
+        max_payload_bytes=max_payload_bytes or limits.max_payload_bytes,
+    )
+    settings = ServerSettings(
+        dht_prefix=dht_prefix,
+        dtype=getattr(torch, dtype),
+        num_threads=num_threads,
+        limits=limits,
+        record_ttl=record_ttl,
+        refresh_period=refresh_period,
+        host=host,
+        port=port,
+    )
+    if cache_bytes is not None:
+        settings.cache_bytes = cache_bytes
+    server = BlockServer(model, start, end, initial_peers, settings)
+    run_until_signal(server.run)
+
+
+def split_blocks(num_blocks: int, spans: int) -> list[tuple[int, int]]:
+    """``spans`` contiguous spans of near-equal length covering ``0..num_blocks-1``."""
+    if not 1 <= spans <= num_blocks:
+        raise ValueError(f"cannot split {num_blocks} blocks into {spans} spans")
+    bounds = [round(i * num_blocks / spans) for i in range(spans + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@dataclasses.dataclass
+class ChildProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    span: Optional[tuple[int, int]] = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+class LocalSwarm:
+    """A bootstrap peer plus ``servers`` block servers on 127.0.0.1, each block served by ``replicas`` of them.
+
+    The blocks are split into ``servers // replicas`` spans and each span is served by ``replicas`` servers,
+    so ``servers`` must be a multiple of ``replicas``. ``server_args`` are extra ``swarm serve`` options
+    (e.g. ``["--record-ttl", "4"]``). Children die with this process's thread that started them.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        servers: int,
+        replicas: int = 1,
+        *,
+        dht_prefix: Optional[str] = None,
+        dtype: str = "float32",
+        num_threads: Optional[int] = None,
+        server_args: Sequence[str] = (),
+        log_dir: Optional[str | Path] = None,
+    ):
+        from transformers import AutoConfig
+
+        if replicas < 1 or servers < replicas or servers % replicas:
+            raise ValueError(
+                f"--servers must be a positive multiple of --replicas (got servers={servers}, replicas={replicas}): "
+                "the blocks are split into servers/replicas spans, each served by `replicas` servers"
+            )
+        self.model = Path(model)
+        self.config = AutoConfig.from_pretrained(self.model)
+        if dht_prefix:
+            self.config.dht_prefix = dht_prefix
+        self.num_blocks = self.config.num_hidden_layers
+        self.replicas = replicas
+        self.spans = split_blocks(self.num_blocks, servers // replicas)
+        self.dht_prefix, self.dtype, self.num_threads = dht_prefix, dtype, num_threads
+        self.server_args = list(server_args)
+        self._own_log_dir = log_dir is None
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="ptune-swarm-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.bootstrap: Optional[ChildProcess] = None
+        self.servers: list[ChildProcess] = []
+        self.initial_peers: list[str] = []
+        self._logs: list[IO] = []
+        self._interrupt: Optional[threading.Event] = None
+
+    @property
+    def prefix(self) -> str:
+        from ptune_search.swarm.protocol import model_prefix
+
+        return model_prefix(self.config)
+
+    def start(self, timeout: float = 300.0, interrupt: Optional[threading.Event] = None) -> "LocalSwarm":
+        """Start everything and return once every block has ``replicas`` online servers.
+
+        Setting ``interrupt`` makes a pending start stop everything and raise InterruptedError.
+        """
+        self._interrupt = interrupt
+        try:
+            peers_file = self.log_dir / "bootstrap-peers.txt"
+            peers_file.unlink(missing_ok=True)
+            self.bootstrap = self._spawn("bootstrap", ["dht", "--peers-file", str(peers_file)])
+            deadline = time.monotonic() + timeout
+            while not peers_file.exists():
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the bootstrap peer did not start within {timeout}s")
+                time.sleep(0.1)
+            self.initial_peers = read_peers_file(peers_file)
+            for copy in range(self.replicas):
+                for start, end in self.spans:
+                    self.start_server(start, end)
+            self.wait_until_online(self.replicas, timeout=max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_server(self, start: int, end: int, extra_args: Sequence[str] = ()) -> ChildProcess:
+        args = ["serve", "--model", str(self.model), "--blocks", f"{start}:{end}", "--initial-peers", *self.initial_peers]
+        if self.dht_prefix:
+            args += ["--dht-prefix", self.dht_prefix]
+        if self.num_threads:
+            args += ["--num-threads", str(self.num_threads)]
+        args += ["--dtype", self.dtype, *self.server_args, *extra_args]
+        child = self._spawn(f"server-{len(self.servers)}-blocks-{start}-{end}", args)
+        child.span = (start, end)
+        self.servers.append(child)
+        return child
+
+    def _spawn(self, name: str, args: Sequence[str]) -> ChildProcess:
+        log_path = self.log_dir / f"{name}.log"
+        log = open(log_path, "wb")
+        self._logs.append(log)
+        env = dict(os.environ, **{PARENT_PID_ENV: str(os.getpid())})
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ptune_search.swarm", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: killpg reaches its p2pd too
+            env=env,
+        )
+        return ChildProcess(name, process, log_path)
+
+    def wait_until_online(self, replicas: int = 1, timeout: float = 300.0) -> None:
+        """Wait until every block has at least ``replicas`` online servers."""
+        from ptune_search.swarm.connection import SwarmConnection
+        from ptune_search.swarm.protocol import ServerState, block_uids
+        from ptune_search.swarm.routing import fetch_block_records
+
+        uids = block_uids(self.prefix, 0, self.num_blocks)
+        deadline = time.monotonic() + timeout
+        with SwarmConnection(self.initial_peers) as connection:
+            while True:
+                self._check_alive()
+                records = connection.run(fetch_block_records(connection.node, uids), timeout=60)
+                online = [sum(r.state == ServerState.ONLINE for r in servers.values()) for servers in records]
+                if all(count >= replicas for count in online):
+                    return
+                if time.monotonic() > deadline:
+                    missing = [uid for uid, count in zip(uids, online) if count < replicas]
+                    raise TimeoutError(f"blocks {missing} are not online after {timeout}s; logs in {self.log_dir}")
+                time.sleep(0.25)
+
+    def _check_alive(self) -> None:
+        if self._interrupt is not None and self._interrupt.is_set():
+            raise InterruptedError("the local swarm was interrupted while starting")
+        for child in [self.bootstrap, *self.servers]:
+            if child is not None and not child.alive() and not getattr(child, "expected_exit", False):
+                raise RuntimeError(
+                    f"{child.name} exited with code {child.process.returncode}; log {child.log_path}:\n{child.log_tail()}"
+                )
+
+    def dead_children(self) -> list[ChildProcess]:
+        return [c for c in [self.bootstrap, *self.servers] if c is not None and not c.alive()]
+
+    def kill_server(self, index: int, sig: int = signal.SIGKILL) -> ChildProcess:
+        """Send ``sig`` to server ``index`` and its p2p daemon (its whole process group), as if it crashed."""
+        child = self.servers[index]
+        child.expected_exit = True  # type: ignore[attr-defined]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, sig)
+        return child
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM every child (servers first), wait up to ``timeout`` s, then SIGKILL their process groups."""
+        children = [*self.servers, *([self.bootstrap] if self.bootstrap else [])]
+        for child in children:
+            if child.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+        for child in children:  # whatever is left of each group, p2pd included
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(5)
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def __enter__(self) -> "LocalSwarm":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def run_local_swarm(
+    model: str | Path,
+    servers: int,
+    peers_file: str | Path,
+    *,
+    replicas: int = 1,
+    dht_prefix: Optional[str] = None,
+    dtype: str = "float32",
+    num_threads: Optional[int] = None,
+    server_args: Sequence[str] = (),
+    log_dir: Optional[str | Path] = None,
+    ready_timeout: float = 600.0,
+) -> None:
+    """Run a :class:`LocalSwarm`; write ``peers_file`` once every block is online; stop all on SIGINT/SIGTERM.
+
+    Also stops (with an error) if any of its processes dies.
+    """
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    swarm = LocalSwarm(
+        model, servers, replicas, dht_prefix=dht_prefix, dtype=dtype, num_threads=num_threads,
+        server_args=server_args, log_dir=log_dir,
+    )
+    try:
+        try:
+            swarm.start(timeout=ready_timeout, interrupt=stop)
+        except InterruptedError:
+            return
+        write_peers_file(peers_file, swarm.initial_peers)
+        logger.info(f"swarm ready: {len(swarm.servers)} servers, peers in {peers_file}, logs in {swarm.log_dir}")
+        while not stop.wait(0.5):
+            dead = swarm.dead_children()
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited unexpectedly; log {dead[0].log_path}:\n{dead[0].log_tail()}")
+    finally:
+        swarm.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,237 @@
+"""What servers and clients of the swarm agree on: block uids, server records, request limits, metadata.
+
+Everything that crosses the wire here is a plain msgpack value (dicts of str, int, float, bool, bytes);
+nothing is ever unpickled. Both sides import this module and nothing else of each other.
+
+- A block's DHT key is ``<prefix>.<index>``, e.g. ``SmolLM2-135M.7``. Each server stores one record per
+  block under the subkey of its peer id: ``{"state": "online", "start": 0, "end": 15, ...}``.
+- A request names its blocks as one string of uids joined by spaces (``"m.0 m.1 m.2"``): a span.
+- Request metadata is a msgpack map; a response carries ``{"error": {"kind", "message"}}`` when refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+import msgpack
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+
+UID_DELIMITER = "."
+SPAN_DELIMITER = " "
+PROTOCOL_VERSION = "ptune-swarm/1"
+MAX_METADATA_BYTES = 64 * 1024
+
+
+class ServerState(str, enum.Enum):
+    JOINING = "joining"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a server refused a request; the client retries elsewhere only for the routing kinds."""
+
+    BAD_REQUEST = "bad_request"  # the client's fault: retrying anywhere gives the same answer
+    UNKNOWN_BLOCK = "unknown_block"  # this server does not (or no longer) serve a requested block
+    BUSY = "busy"  # queue full: try another replica or later
+    INTERNAL = "internal"  # the server failed while computing
+
+
+RETRIABLE_ERRORS = frozenset({ErrorKind.UNKNOWN_BLOCK, ErrorKind.BUSY, ErrorKind.INTERNAL})
+
+
+class RequestRefused(Exception):
+    """A server refused a request and said why; ``kind`` is an :class:`ErrorKind`."""
+
+    def __init__(self, kind: ErrorKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}: {self.message}"
+
+
+def model_prefix(config: Any) -> str:
+    """The DHT prefix of a model: ``config.dht_prefix`` if set, else its checkpoint folder's name.
+
+    Servers and clients both call this, so a client loading ``/models/SmolLM2-135M`` finds servers started
+    with ``--model /anywhere/SmolLM2-135M``. Characters other than letters, digits, ``_`` and ``-`` become ``-``.
+    """
+    prefix = getattr(config, "dht_prefix", None)
+    if not prefix:
+        name_or_path = getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "")
+        prefix = Path(str(name_or_path).rstrip("/")).name
+    prefix = re.sub(r"[^A-Za-z0-9_-]", "-", str(prefix))
+    if not prefix.strip("-"):
+        raise ValueError(
+            "cannot derive the model's DHT prefix: the config has no dht_prefix and no checkpoint path; "
+            "set config.dht_prefix (the same on servers and clients)"
+        )
+    return prefix
+
+
+def block_uid(prefix: str, index: int) -> str:
+    return f"{prefix}{UID_DELIMITER}{index}"
+
+
+def block_uids(prefix: str, start: int, end: int) -> list[str]:
+    return [block_uid(prefix, index) for index in range(start, end)]
+
+
+def parse_block_uid(uid: str) -> tuple[str, int]:
+    """``"m.7" -> ("m", 7)``; a ValueError for anything else."""
+    prefix, sep, index = uid.rpartition(UID_DELIMITER)
+    if not sep or not prefix or not index.isdigit() or len(index) > 6:
+        raise ValueError(f"not a block uid: {uid[:80]!r} (expected '<model-prefix>.<block index>')")
+    return prefix, int(index)
+
+
+def span_uid(prefix: str, start: int, end: int) -> str:
+    return SPAN_DELIMITER.join(block_uids(prefix, start, end))
+
+
+def parse_span_uid(uid: str) -> tuple[str, int, int]:
+    """``"m.3 m.4 m.5" -> ("m", 3, 6)``: the blocks must be consecutive and of one model."""
+    if not uid or len(uid) > 16 * 1024:
+        raise ValueError("the request names no blocks (uid is empty or too long)")
+    parsed = [parse_block_uid(part) for part in uid.split(SPAN_DELIMITER)]
+    prefix, start = parsed[0]
+    for offset, (other_prefix, index) in enumerate(parsed):
+        if other_prefix != prefix or index != start + offset:
+            raise ValueError(f"blocks of a request must be consecutive blocks of one model (got {uid[:200]!r})")
+    return prefix, start, start + len(parsed)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerRecord:
+    """What a server announces about itself under each of its blocks' keys."""
+
+    state: ServerState
+    start: int
+    end: int
+    throughput: float = 0.0  # tokens per second through the whole span, measured at startup
+    dtype: str = "float32"
+    version: str = PROTOCOL_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "start": self.start,
+            "end": self.end,
+            "throughput": float(self.throughput),
+            "dtype": self.dtype,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_dict(cls, value: Any) -> "ServerRecord":
+        """Parse a record found in the DHT; a ValueError for anything malformed (other peers may be buggy)."""
+        if not isinstance(value, dict):
+            raise ValueError(f"a server record must be a map, got {type(value).__name__}")
+        try:
+            state = ServerState(value["state"])
+            start, end = value["start"], value["end"]
+            throughput = value.get("throughput", 0.0)
+            dtype, version = value.get("dtype", "float32"), value.get("version", "")
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"malformed server record: {e}") from None
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+            raise ValueError(f"malformed span in server record: {start!r}:{end!r}")
+        if not isinstance(throughput, (int, float)) or not isinstance(dtype, str) or not isinstance(version, str):
+            raise ValueError("malformed throughput, dtype or version in server record")
+        return cls(state, start, end, float(throughput), dtype, version)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What one server accepts in one request; requests beyond these are refused, not truncated."""
+
+    max_tokens: int = 8192  # batch * sequence length (prefix included)
+    max_payload_bytes: int = 256 * 1024 * 1024
+    max_pre_seq_len: int = 1024
+    max_queue: int = 1024  # waiting requests of all clients together
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def pack_metadata(metadata: dict[str, Any]) -> bytes:
+    return msgpack.packb(metadata, use_bin_type=True)
+
+
+def unpack_metadata(data: bytes) -> dict[str, Any]:
+    """Decode request or response metadata: a msgpack map with str keys, or a ValueError saying what is wrong."""
+    if not data:
+        return {}
+    if len(data) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata of {len(data)} bytes exceeds the limit of {MAX_METADATA_BYTES} bytes")
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises many types for garbage
+        raise ValueError(f"metadata is not valid msgpack ({type(e).__name__}: {e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"metadata must be a msgpack map, got {type(value).__name__}")
+    return value
+
+
+def metadata_field(metadata: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    """``metadata[name]`` checked to be of ``kind`` (``default`` when absent and a default is given)."""
+    if name not in metadata:
+        if default is None:
+            raise ValueError(f"metadata lacks the field {name!r}")
+        return default
+    value = metadata[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"metadata field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def error_metadata(kind: ErrorKind, message: str) -> bytes:
+    return pack_metadata({"error": {"kind": kind.value, "message": message}})
+
+
+def raise_if_error(metadata: dict[str, Any]) -> None:
+    """Turn an error reported in response metadata into :class:`RequestRefused`."""
+    error: Optional[dict] = metadata.get("error")
+    if error is None:
+        return
+    try:
+        kind = ErrorKind(error.get("kind"))
+    except (ValueError, AttributeError):
+        kind = ErrorKind.INTERNAL
+    message = error.get("message") if isinstance(error, dict) else None
+    raise RequestRefused(kind, str(message or "the server refused the request without a reason"))
+
+
+class BlockService(ServicerBase):
+    """The RPCs of a block server, for ``BlockService.get_stub(p2p, peer_id)`` on clients.
+
+    Servers register their implementation with ``BlockService().add_p2p_handlers(p2p, wrapper=impl)``, so
+    handler names do not depend on the implementing class. Every response carries msgpack metadata, with an
+    ``error`` entry (see :func:`error_metadata`) when the request was refused.
+    """
+
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
+
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
+
+    async def rpc_forward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError
+
+    async def rpc_backward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
+
+    async def rpc_backward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError

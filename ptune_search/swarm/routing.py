@@ -1,0 +1,154 @@
+"""Which server runs which blocks: server records from the DHT, spans, replicas and bans.
+
+A client asks :meth:`BlockRouter.choose_span` for a server holding block ``i``; it gets the span that server
+covers from ``i`` on (at most up to ``end``), chosen at random among online, non-banned replicas with weight
+proportional to how many blocks the span covers (fewer hops, load spread over replicas). If no server is
+online for block ``i``, it waits up to ``block_wait_timeout`` seconds, re-reading the DHT, then raises
+:class:`MissingBlockError` naming the block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from ptune_search.swarm.protocol import ServerRecord, ServerState, block_uid
+
+if TYPE_CHECKING:
+    from hivemind.dht import DHTNode
+    from hivemind.p2p import PeerID
+
+logger = logging.getLogger(__name__)
+
+
+class MissingBlockError(RuntimeError):
+    """No server is online for a block of the model."""
+
+    def __init__(self, uid: str, index: int, waited: float, joining: bool):
+        hint = (
+            "a server for it is still joining (loading weights); wait longer (block_wait_timeout)"
+            if joining
+            else f"start a server for it: `ptune-search swarm serve --model PATH --blocks {index}:{index + 1} "
+            "--initial-peers ...`"
+        )
+        super().__init__(f"no server is online for block {uid} (block {index}) after waiting {waited:.1f}s; {hint}")
+        self.uid, self.index = uid, index
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteSpan:
+    """Blocks ``start..end-1`` on the server ``peer_id``."""
+
+    peer_id: "PeerID"
+    start: int
+    end: int
+    record: ServerRecord
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.end}@{str(self.peer_id)[-6:]}"
+
+
+async def fetch_block_records(node: "DHTNode", uids: Sequence[str]) -> list[dict["PeerID", ServerRecord]]:
+    """For each uid, the latest record of every server that announced it (any state); malformed ones skipped."""
+    from hivemind.p2p import PeerID
+
+    found = await node.get_many(list(uids), sufficient_expiration_time=float("inf"))
+    result: list[dict[PeerID, ServerRecord]] = []
+    for uid in uids:
+        servers: dict[PeerID, ServerRecord] = {}
+        entry = found.get(uid)
+        if entry is not None and isinstance(entry.value, dict):
+            for subkey, item in entry.value.items():
+                try:
+                    servers[PeerID.from_base58(subkey)] = ServerRecord.from_dict(item.value)
+                except Exception as e:  # noqa: BLE001 - other peers' garbage must not break routing
+                    logger.debug(f"skipping a malformed record under {uid}: {e}")
+        result.append(servers)
+    return result
+
+
+class BlockRouter:
+    def __init__(
+        self,
+        node: "DHTNode",
+        prefix: str,
+        num_blocks: int,
+        *,
+        update_period: float = 30.0,
+        ban_timeout: float = 15.0,
+        block_wait_timeout: float = 30.0,
+    ):
+        self.node, self.prefix, self.num_blocks = node, prefix, num_blocks
+        self.uids = [block_uid(prefix, index) for index in range(num_blocks)]
+        self.update_period, self.ban_timeout, self.block_wait_timeout = update_period, ban_timeout, block_wait_timeout
+        self._online: list[dict["PeerID", ServerRecord]] = [{} for _ in range(num_blocks)]
+        self._joining: list[bool] = [False] * num_blocks
+        self._updated = -float("inf")
+        self._bans: dict["PeerID", tuple[float, int]] = {}  # peer -> (banned until, consecutive failures)
+        self._refresh_lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        async with self._refresh_lock:
+            records = await fetch_block_records(self.node, self.uids)
+            self._online = [
+                {peer: record for peer, record in servers.items() if record.state == ServerState.ONLINE}
+                for servers in records
+            ]
+            self._joining = [any(r.state == ServerState.JOINING for r in servers.values()) for servers in records]
+            self._updated = time.monotonic()
+
+    def servers_for(self, block: int) -> dict["PeerID", ServerRecord]:
+        """Online servers of ``block`` as of the last refresh."""
+        return dict(self._online[block])
+
+    async def choose_span(self, block: int, end: Optional[int] = None) -> RemoteSpan:
+        end = self.num_blocks if end is None else end
+        if not 0 <= block < end <= self.num_blocks:
+            raise ValueError(f"no blocks to route in {block}:{end} (the model has {self.num_blocks})")
+        started = time.monotonic()
+        delay = 0.25
+        if time.monotonic() - self._updated > self.update_period:
+            await self.refresh()
+        while True:
+            candidates = self._candidates(block, end)
+            if candidates:
+                weights = [span.length for span in candidates]
+                return random.choices(candidates, weights=weights)[0]
+            waited = time.monotonic() - started
+            if waited >= self.block_wait_timeout:
+                raise MissingBlockError(self.uids[block], block, waited, self._joining[block])
+            await asyncio.sleep(min(delay, self.block_wait_timeout - waited))
+            delay = min(2 * delay, 2.0)
+            await self.refresh()
+
+    def _candidates(self, block: int, end: int) -> list[RemoteSpan]:
+        spans = []
+        for peer, record in self._online[block].items():
+            reach = block + 1
+            while reach < min(end, record.end) and peer in self._online[reach]:
+                reach += 1
+            spans.append(RemoteSpan(peer, block, reach, record))
+        now = time.monotonic()
+        allowed = [span for span in spans if self._bans.get(span.peer_id, (0.0, 0))[0] <= now]
+        return allowed or spans  # if every server is banned, the failures may be ours: try them again
+
+    def ban(self, peer_id: "PeerID") -> None:
+        """Avoid ``peer_id`` for ``ban_timeout`` seconds, doubling with each consecutive failure (up to 8x)."""
+        _, failures = self._bans.get(peer_id, (0.0, 0))
+        duration = self.ban_timeout * 2 ** min(failures, 3)
+        self._bans[peer_id] = (time.monotonic() + duration, failures + 1)
+        logger.info(f"banning server {peer_id} for {duration:.0f}s")
+
+    def on_success(self, peer_id: "PeerID") -> None:
+        self._bans.pop(peer_id, None)
+
+    def is_banned(self, peer_id: "PeerID") -> bool:
+        return self._bans.get(peer_id, (0.0, 0))[0] > time.monotonic()
