@@ -28,6 +28,16 @@ def _demo(args: argparse.Namespace) -> None:
     print(json.dumps(dataclasses.asdict(result)))
 
 
+def _search(args: argparse.Namespace) -> None:
+    from ptune_search.config import load_config
+    from ptune_search.search import run_search
+
+    config = load_config(args.config, args.overrides)
+    outcome = run_search(config, address=args.address, resume=args.resume)
+    print(json.dumps({"best_trial": outcome.best_trial, "baseline_accuracy": outcome.baseline_accuracy,
+                      "parent_run_id": outcome.parent_run_id}, default=str))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptune-search", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.set_defaults(run=_demo)
+
+    search = commands.add_parser("search", help="run the hyperparameter search an experiment config describes")
+    search.add_argument("config", help="experiment config (YAML), e.g. experiments/smollm2_bbc_news.yaml")
+    search.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set budget.max_steps=20 (repeatable)")
+    search.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of a private one")
+    search.add_argument("--resume", action="store_true", help="continue an interrupted search in its output_dir")
+    search.set_defaults(run=_search)
     return parser
 
 

@@ -225,8 +225,10 @@ class ExperimentConfig(_Section):
     @field_validator("model")
     @classmethod
     def _alias_or_checkpoint(cls, model: str, info: ValidationInfo) -> str:
-        from ptune_search.pretrained import PACKAGED_MODELS, packaged_gguf  # lazily: pretrained.py imports torch
+        from ptune_search.pretrained import GENERATED_MODELS, MODEL_ALIASES, PACKAGED_MODELS, packaged_gguf
 
+        if model in GENERATED_MODELS:
+            return model
         if model in PACKAGED_MODELS:
             if _checks_paths(info):
                 try:
@@ -239,7 +241,7 @@ class ExperimentConfig(_Section):
             problem = "is a folder without config.json" if path.is_dir() else "does not exist"
             raise _Problem(
                 (),
-                f"{model} {problem}; use a packaged alias ({', '.join(sorted(PACKAGED_MODELS))}) "
+                f"{model} {problem}; use a model alias ({', '.join(MODEL_ALIASES)}) "
                 "or a Hugging Face checkpoint folder",
             )
         return str(path)

@@ -58,22 +58,20 @@ def test_default_experiment_parses_with_the_budget_of_the_brief() -> None:
     assert config.output_dir == Path.cwd() / "runs" / "smollm2_bbc_news"
 
 
-def test_tiny_experiment_parses_without_its_model_folder() -> None:
+def test_tiny_experiment_uses_the_generated_model_alias() -> None:
     config = tiny_with()
-    assert config.model == str(Path.cwd() / "runs" / "tiny-llama")
+    assert config.model == "tiny-llama"
     assert (config.budget.num_samples, config.budget.max_steps, config.budget.eval_every) == (4, 12, 3)
     assert (config.task.max_length, config.task.train_size, config.task.validation_size) == (32, 200, 50)
     assert config.scheduler.grace_period == 3
     assert config.mlflow.experiment_name == "tiny"
 
 
-def test_tiny_experiment_finds_its_model_folder_relative_to_the_cwd(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "runs" / "tiny-llama").mkdir(parents=True)
-    (tmp_path / "runs" / "tiny-llama" / "config.json").write_text("{}")
+def test_a_model_folder_is_found_relative_to_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "runs" / "my-llama").mkdir(parents=True)
+    (tmp_path / "runs" / "my-llama" / "config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
-    assert load_config(TINY).model == str(tmp_path / "runs" / "tiny-llama")
+    assert load_config(TINY, ["model=runs/my-llama"]).model == str(tmp_path / "runs" / "my-llama")
 
 
 def test_an_empty_mapping_is_the_default_config(tmp_path: Path) -> None:
@@ -163,7 +161,7 @@ def test_missing_model_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"model": "/x/y"}, tmp_path)
     assert str(info.value) == (
-        "model: /x/y does not exist; use a packaged alias (smollm2-135m) or a Hugging Face checkpoint folder"
+        "model: /x/y does not exist; use a model alias (smollm2-135m, tiny-llama) or a Hugging Face checkpoint folder"
     )
 
 

@@ -1,0 +1,232 @@
+"""The search: Ray Tune runs trial actors over one shared swarm, Optuna proposes, ASHA stops, MLflow records."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import optuna
+import ray
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from ptune_search.config import ExperimentConfig
+from ptune_search.data import TaskSpec
+from ptune_search.pretrained import resolve_model
+from ptune_search.search_report import write_search_report
+from ptune_search.tracking import MlflowTrialCallback, SearchTracker
+from ptune_search.trial import PromptTuningTrial, TrialSettings
+
+logger = logging.getLogger(__name__)
+
+METRIC, MODE = "val_accuracy", "max"
+SEARCH_NAME, BASELINE_NAME = "search", "baseline"
+
+
+class SearchSpaceSampler:
+    """Optuna's define-by-run space (a class, not a closure, so Tune can pickle the searcher on checkpoint)."""
+
+    def __init__(self, tuning_modes: list[str], pre_seq_len: tuple[int, int], lr: tuple[float, float]):
+        self.tuning_modes, self.pre_seq_len, self.lr = tuning_modes, pre_seq_len, lr
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        trial.suggest_categorical("tuning_mode", self.tuning_modes)
+        trial.suggest_int("pre_seq_len", *self.pre_seq_len)
+        trial.suggest_float("lr", *self.lr, log=True)
+
+
+class TruthfulOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells the study a trial ASHA stopped is PRUNED and a failed one is FAIL.
+
+    Ray's OptunaSearch records any trial with a last result as COMPLETE with its early value, which would
+    let TPE learn from truncated runs as if they were finished.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        if error:
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+        elif result and result.get("finished"):
+            self._ot_study.tell(ot_trial, result[self.metric], state=TrialState.COMPLETE)
+        else:
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOutcome:
+    best_trial: dict[str, Any]
+    baseline_accuracy: Optional[float]
+    trials: list[dict[str, Any]]
+    parent_run_id: str
+
+
+def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: bool = False) -> SearchOutcome:
+    """Run (or with ``resume``, continue) the search that ``config`` describes; returns the best trial."""
+    model_path = str(resolve_model(config.model))
+    output_dir = config.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_file = output_dir / "config.yaml"
+    if not (resume and config_file.exists()):
+        config_file.write_text(config.to_yaml())
+    tracker = SearchTracker(config.tracking_uri, config.mlflow.experiment_name, output_dir, output_dir / "mlartifacts")
+    with _ray(address), _swarm(config, model_path) as initial_peers:
+        settings = _trial_settings(config, model_path, initial_peers)
+        tracker.start_parent(output_dir.name, config.to_dict(), config_file)
+        try:
+            grid = _fit(config, settings, tracker, resume)
+            study = optuna.load_study(study_name=SEARCH_NAME, storage=_optuna_storage(output_dir))
+            best = grid.get_best_result(METRIC, MODE, scope="last")
+            baseline = _run_baseline(config, settings, tracker, best.config["lr"], resume) if config.baseline else None
+        except BaseException:
+            tracker.abort_parent()
+            raise
+        report = write_search_report(output_dir, grid, study, baseline, METRIC)
+        tracker.finish_parent(tracker.child_run_id(best.metrics["trial_id"]), report.summary, report.files)
+    return SearchOutcome(report.best, baseline, report.trials, tracker.parent_run_id)
+
+
+def _trial_settings(config: ExperimentConfig, model_path: str, initial_peers: list[str]) -> TrialSettings:
+    task = config.task
+    return TrialSettings(
+        model_path=model_path,
+        task=TaskSpec(task.name, task.text_column, task.label_column),
+        max_length=task.max_length,
+        train_size=task.train_size,
+        validation_size=task.validation_size,
+        max_steps=config.budget.max_steps,
+        eval_every=config.budget.eval_every,
+        batch_size=config.budget.batch_size,
+        seed=config.seed,
+        initial_peers=initial_peers,
+    )
+
+
+def _optuna_storage(output_dir: Path) -> optuna.storages.RDBStorage:
+    """Next to the MLflow store, so ``optuna-dashboard sqlite:///<output_dir>/optuna.db`` opens it."""
+    return optuna.storages.RDBStorage(f"sqlite:///{output_dir / 'optuna.db'}")
+
+
+def _fit(config: ExperimentConfig, settings: TrialSettings, tracker: SearchTracker, resume: bool) -> tune.ResultGrid:
+    storage_path = str(config.output_dir / "ray")
+    trainable = _trainable(config, settings)
+    run_path = Path(storage_path) / SEARCH_NAME
+    if resume and tune.Tuner.can_restore(str(run_path)):
+        logger.info("resuming the search stored in %s", run_path)
+        tuner = tune.Tuner.restore(str(run_path), trainable, resume_errored=True)
+        # The run config (with the MLflow callback, which pickles without its client) comes back with the run.
+        return tuner.fit()
+    space = config.search_space
+    searcher = TruthfulOptunaSearch(
+        space=SearchSpaceSampler(
+            list(space.tuning_modes), (space.pre_seq_len.low, space.pre_seq_len.high), (space.lr.low, space.lr.high)
+        ),
+        sampler=optuna.samplers.TPESampler(seed=config.seed),
+        storage=_optuna_storage(config.output_dir),
+        study_name=SEARCH_NAME,
+    )
+    scheduler = ASHAScheduler(
+        time_attr="step",
+        max_t=config.budget.max_steps,
+        grace_period=config.scheduler.grace_period,
+        reduction_factor=config.scheduler.reduction_factor,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=config.budget.num_samples,
+            max_concurrent_trials=config.budget.max_concurrent_trials,
+        ),
+        run_config=_run_config(SEARCH_NAME, storage_path, MlflowTrialCallback(tracker, _static_params(config))),
+    )
+    return tuner.fit()
+
+
+def _run_baseline(
+    config: ExperimentConfig, settings: TrialSettings, tracker: SearchTracker, lr: float, resume: bool
+) -> float:
+    """Head only, no prompts, the same step budget and the best trial's learning rate."""
+    storage_path = str(config.output_dir / "ray")
+    run_path = Path(storage_path) / BASELINE_NAME
+    trainable = _trainable(config, settings)
+    if resume and tune.Tuner.can_restore(str(run_path)):
+        tuner = tune.Tuner.restore(str(run_path), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"tuning_mode": None, "pre_seq_len": 0, "lr": lr},
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=1),
+            run_config=_run_config(
+                BASELINE_NAME, storage_path, MlflowTrialCallback(tracker, _static_params(config), role="baseline")
+            ),
+        )
+    return tuner.fit().get_best_result(METRIC, MODE, scope="last").metrics[METRIC]
+
+
+def _trainable(config: ExperimentConfig, settings: TrialSettings) -> Any:
+    trainable = tune.with_parameters(PromptTuningTrial, settings=settings)
+    return tune.with_resources(trainable, {"cpu": config.resources.cpu})
+
+
+def _run_config(name: str, storage_path: str, callback: MlflowTrialCallback) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        callbacks=[callback],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_frequency=1, checkpoint_at_end=True),
+        failure_config=tune.FailureConfig(max_failures=2),
+        progress_reporter=tune.CLIReporter(
+            parameter_columns=["tuning_mode", "pre_seq_len", "lr"],
+            metric_columns=["step", "train_loss", "val_loss", "val_accuracy", "tokens_per_s"],
+            max_report_frequency=30,
+        ),
+    )
+
+
+def _static_params(config: ExperimentConfig) -> dict[str, Any]:
+    budget = config.budget
+    return {
+        "model": config.model,
+        "task": config.task.name,
+        "max_length": config.task.max_length,
+        "batch_size": budget.batch_size,
+        "max_steps": budget.max_steps,
+        "eval_every": budget.eval_every,
+        "seed": config.seed,
+    }
+
+
+@contextlib.contextmanager
+def _ray(address: Optional[str]) -> Iterator[None]:
+    """A private local Ray unless ``address`` names a cluster to join (ray.init() alone may join a stranger's)."""
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _swarm(config: ExperimentConfig, model_path: str) -> Iterator[list[str]]:
+    if config.swarm.mode == "external":
+        yield list(config.swarm.initial_peers)
+        return
+    from ptune_search.swarm.launcher import LocalSwarm
+
+    with LocalSwarm(model_path, servers=config.swarm.servers, replicas=config.swarm.replicas) as swarm:
+        yield swarm.initial_peers
