@@ -80,7 +80,7 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
     tracker = SearchTracker(config.tracking_uri, config.mlflow.experiment_name, output_dir, output_dir / "mlartifacts")
     with _ray(address), _swarm(config, model_path) as initial_peers:
         settings = _trial_settings(config, model_path, initial_peers)
-        tracker.start_parent(output_dir.name, config.to_dict(), config_file)
+        tracker.start_parent(output_dir.name, _flatten(config.to_dict()), config_file)
         try:
             grid = _fit(config, settings, tracker, resume)
             study = optuna.load_study(study_name=SEARCH_NAME, storage=_optuna_storage(output_dir))
@@ -129,6 +129,8 @@ def _fit(config: ExperimentConfig, settings: TrialSettings, tracker: SearchTrack
         space=SearchSpaceSampler(
             list(space.tuning_modes), (space.pre_seq_len.low, space.pre_seq_len.high), (space.lr.low, space.lr.high)
         ),
+        metric=METRIC,
+        mode=MODE,
         sampler=optuna.samplers.TPESampler(seed=config.seed),
         storage=_optuna_storage(config.output_dir),
         study_name=SEARCH_NAME,
@@ -185,7 +187,7 @@ def _run_config(name: str, storage_path: str, callback: MlflowTrialCallback) -> 
         name=name,
         storage_path=storage_path,
         callbacks=[callback],
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_frequency=1, checkpoint_at_end=True),
+        checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True),
         failure_config=tune.FailureConfig(max_failures=2),
         progress_reporter=tune.CLIReporter(
             parameter_columns=["tuning_mode", "pre_seq_len", "lr"],
@@ -206,6 +208,17 @@ def _static_params(config: ExperimentConfig) -> dict[str, Any]:
         "eval_every": budget.eval_every,
         "seed": config.seed,
     }
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"budget": {"max_steps": 5}}`` -> ``{"budget.max_steps": 5}``: one MLflow param per config field."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 @contextlib.contextmanager
