@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_accuracy", "max"
 SEARCH_NAME, BASELINE_NAME = "search", "baseline"
+TUNE_TRIAL_ID_ATTR = "tune_trial_id"
 
 
 class SearchSpaceSampler:
@@ -47,6 +48,12 @@ class TruthfulOptunaSearch(OptunaSearch):
     Ray's OptunaSearch records any trial with a last result as COMPLETE with its early value, which would
     let TPE learn from truncated runs as if they were finished.
     """
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        suggestion = super().suggest(trial_id)
+        if trial_id in self._ot_trials:  # links the study's trial to the Tune trial and its MLflow run
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
+        return suggestion
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:

@@ -133,6 +133,6 @@ class PromptTuningTrial(tune.Trainable):
         logger.info("resumed trial at step %d", self.steps_done)
 
     def cleanup(self) -> None:
-        shutdown = getattr(self.model.model.layers, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        close = getattr(self.model.model.layers, "close", None)  # a swarm connection; local blocks have none
+        if close is not None:
+            close()
