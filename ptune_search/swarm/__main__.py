@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Optional, Sequence
 
 from ptune_search.swarm.launcher import (
@@ -33,13 +34,14 @@ def add_swarm_arguments(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--blocks", required=True, help="START:END, e.g. 0:15 serves blocks 0..14")
     peers = serve.add_mutually_exclusive_group(required=True)
     peers.add_argument("--initial-peers", nargs="+", help="multiaddrs of a bootstrap peer")
-    peers.add_argument("--peers-file", help="file with the bootstrap multiaddrs, one a line")
+    peers.add_argument("--peers-file", help="file with the bootstrap multiaddrs, one a line (waits for it)")
     _add_server_options(serve)
     serve.add_argument("--max-tokens", type=int, help="largest batch * length accepted")
     serve.add_argument("--max-payload-bytes", type=int, help="largest request payload accepted")
     serve.add_argument("--cache-bytes", type=int, help="memory for forward graphs kept for backward")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=0)
+    serve.add_argument("--info-file", help="once online, write the server's peer id and addresses here (JSON)")
 
     local = subparsers.add_parser("local", help="a bootstrap peer plus N block servers on 127.0.0.1")
     local.add_argument("--model", required=True)
@@ -65,7 +67,7 @@ def run_swarm_command(args: argparse.Namespace) -> None:
         run_block_server(
             args.model,
             args.blocks,
-            args.initial_peers or read_peers_file(args.peers_file),
+            args.initial_peers or wait_for_peers_file(args.peers_file),
             dht_prefix=args.dht_prefix,
             dtype=args.dtype,
             num_threads=args.num_threads,
@@ -76,6 +78,7 @@ def run_swarm_command(args: argparse.Namespace) -> None:
             cache_bytes=args.cache_bytes,
             host=args.host,
             port=args.port,
+            info_file=args.info_file,
         )
     elif args.command == "local":
         server_args = ["--record-ttl", str(args.record_ttl)]
@@ -94,6 +97,16 @@ def run_swarm_command(args: argparse.Namespace) -> None:
         )
     else:
         raise ValueError(f"unknown swarm command {args.command!r}")
+
+
+def wait_for_peers_file(path: str, timeout: float = 120.0) -> list[str]:
+    """The multiaddrs in ``path``, waiting for a bootstrap peer started alongside to write it."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no peers file {path} after {timeout}s: is the bootstrap peer running?")
+        time.sleep(0.1)
+    return read_peers_file(path)
 
 
 def _die_with_parent() -> None:

@@ -56,6 +56,7 @@ class Hop:
 class ChainPasses:
     def __init__(self, p2p: "P2P", router: BlockRouter, settings: ChainSettings):
         self.p2p, self.router, self.settings = p2p, router, settings
+        self.stats = {"failed_calls": 0, "rerouted_backward_hops": 0, "server_recomputes": 0}
 
     async def forward(
         self,
@@ -103,12 +104,13 @@ class ChainPasses:
                 grads, metadata = await self._call("backward", span, tensors, prompts, hop.request_id)
             except Exception as e:
                 failures = await self._on_failure("backward", span, failures, e)
+                self.stats["rerouted_backward_hops"] += 1
                 _, new_hops = await self.forward(hop.inputs, attention_mask, prompts, span.start, span.end, keep=True)
                 hops.extend(new_hops)
                 continue
             self.router.on_success(span.peer_id)
             if metadata.get("recomputed"):
-                logger.debug(f"server {span} recomputed the forward of its span for backward")
+                self.stats["server_recomputes"] += 1
             grad, failures = grads[0], 0
             if grad_prompts is not None:
                 grad_prompts[:, span.start * pre_seq_len : span.end * pre_seq_len] = grads[1]
@@ -157,8 +159,7 @@ class ChainPasses:
         if isinstance(error, RequestRefused) and error.kind == ErrorKind.BAD_REQUEST:
             raise RequestRefused(error.kind, f"server {span.peer_id} refused the {method} for blocks "
                                              f"{span.start}:{span.end}: {error.message}") from None
-        if isinstance(error, asyncio.CancelledError):
-            raise error
+        self.stats["failed_calls"] += 1
         failures += 1
         self.router.ban(span.peer_id)
         if failures > self.settings.max_retries:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -107,8 +108,12 @@ def run_block_server(
     cache_bytes: Optional[int] = None,
     host: str = "127.0.0.1",
     port: int = 0,
+    info_file: Optional[str | Path] = None,
 ) -> None:
-    """Serve blocks ``blocks`` ("A:B": A..B-1) of the checkpoint ``model`` until SIGINT or SIGTERM."""
+    """Serve blocks ``blocks`` ("A:B": A..B-1) of the checkpoint ``model`` until SIGINT or SIGTERM.
+
+    Once online, the server writes ``{"peer_id", "maddrs", "start", "end", "pid"}`` as JSON to ``info_file``.
+    """
     import torch
 
     from ptune_search.swarm.protocol import RequestLimits
@@ -136,7 +141,15 @@ def run_block_server(
     if cache_bytes is not None:
         settings.cache_bytes = cache_bytes
     server = BlockServer(model, start, end, initial_peers, settings)
-    run_until_signal(server.run)
+
+    def on_online(server: BlockServer) -> None:
+        if info_file is not None:
+            info = {"peer_id": server.peer_id, "maddrs": server.maddrs, "start": start, "end": end, "pid": os.getpid()}
+            tmp = Path(f"{info_file}.tmp")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, info_file)
+
+    run_until_signal(lambda stop: server.run(stop, on_online))
 
 
 def split_blocks(num_blocks: int, spans: int) -> list[tuple[int, int]]:
@@ -153,6 +166,7 @@ class ChildProcess:
     process: subprocess.Popen
     log_path: Path
     span: Optional[tuple[int, int]] = None
+    expected_exit: bool = False  # killed or stopped on purpose
 
     @property
     def pid(self) -> int:
@@ -160,6 +174,17 @@ class ChildProcess:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    @property
+    def info_path(self) -> Path:
+        return self.log_path.with_suffix(".json")
+
+    @property
+    def peer_id(self) -> Optional[str]:
+        """The server's peer id once it is online (None before, or for the bootstrap peer)."""
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(self.info_path.read_text())["peer_id"]
+        return None
 
     def log_tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
@@ -170,7 +195,7 @@ class ChildProcess:
 class LocalSwarm:
     """A bootstrap peer plus ``servers`` block servers on 127.0.0.1, each block served by ``replicas`` of them.
 
-    The blocks are split into ``servers // replicas`` spans and each span is served by ``replicas`` servers,
+    With ``servers=0`` only the bootstrap peer starts; add servers with :meth:`start_server`. The blocks are split into ``servers // replicas`` spans and each span is served by ``replicas`` servers,
     so ``servers`` must be a multiple of ``replicas``. ``server_args`` are extra ``swarm serve`` options
     (e.g. ``["--record-ttl", "4"]``). Children die with this process's thread that started them.
     """
@@ -189,9 +214,9 @@ class LocalSwarm:
     ):
         from transformers import AutoConfig
 
-        if replicas < 1 or servers < replicas or servers % replicas:
+        if replicas < 1 or servers < 0 or servers % replicas:
             raise ValueError(
-                f"--servers must be a positive multiple of --replicas (got servers={servers}, replicas={replicas}): "
+                f"--servers must be a multiple of --replicas (got servers={servers}, replicas={replicas}): "
                 "the blocks are split into servers/replicas spans, each served by `replicas` servers"
             )
         self.model = Path(model)
@@ -200,7 +225,7 @@ class LocalSwarm:
             self.config.dht_prefix = dht_prefix
         self.num_blocks = self.config.num_hidden_layers
         self.replicas = replicas
-        self.spans = split_blocks(self.num_blocks, servers // replicas)
+        self.spans = split_blocks(self.num_blocks, servers // replicas) if servers else []
         self.dht_prefix, self.dtype, self.num_threads = dht_prefix, dtype, num_threads
         self.server_args = list(server_args)
         self._own_log_dir = log_dir is None
@@ -229,29 +254,36 @@ class LocalSwarm:
             peers_file.unlink(missing_ok=True)
             self.bootstrap = self._spawn("bootstrap", ["dht", "--peers-file", str(peers_file)])
             deadline = time.monotonic() + timeout
+            for copy in range(self.replicas):  # servers start importing now and wait for the peers file
+                for start, end in self.spans:
+                    self.start_server(start, end, peers_file=peers_file)
             while not peers_file.exists():
                 self._check_alive()
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the bootstrap peer did not start within {timeout}s")
                 time.sleep(0.1)
             self.initial_peers = read_peers_file(peers_file)
-            for copy in range(self.replicas):
-                for start, end in self.spans:
-                    self.start_server(start, end)
-            self.wait_until_online(self.replicas, timeout=max(1.0, deadline - time.monotonic()))
+            if self.spans:
+                self.wait_until_online(self.replicas, timeout=max(1.0, deadline - time.monotonic()))
         except BaseException:
             self.stop()
             raise
         return self
 
-    def start_server(self, start: int, end: int, extra_args: Sequence[str] = ()) -> ChildProcess:
-        args = ["serve", "--model", str(self.model), "--blocks", f"{start}:{end}", "--initial-peers", *self.initial_peers]
+    def start_server(
+        self, start: int, end: int, extra_args: Sequence[str] = (), peers_file: Optional[Path] = None
+    ) -> ChildProcess:
+        """Start one more server for blocks ``start..end-1`` (it joins through :attr:`initial_peers`)."""
+        args = ["serve", "--model", str(self.model), "--blocks", f"{start}:{end}"]
+        args += ["--peers-file", str(peers_file)] if peers_file else ["--initial-peers", *self.initial_peers]
         if self.dht_prefix:
             args += ["--dht-prefix", self.dht_prefix]
         if self.num_threads:
             args += ["--num-threads", str(self.num_threads)]
         args += ["--dtype", self.dtype, *self.server_args, *extra_args]
-        child = self._spawn(f"server-{len(self.servers)}-blocks-{start}-{end}", args)
+        name = f"server-{len(self.servers)}-blocks-{start}-{end}"
+        args += ["--info-file", str(self.log_dir / f"{name}.json")]
+        child = self._spawn(name, args)
         child.span = (start, end)
         self.servers.append(child)
         return child
@@ -271,13 +303,15 @@ class LocalSwarm:
         )
         return ChildProcess(name, process, log_path)
 
-    def wait_until_online(self, replicas: int = 1, timeout: float = 300.0) -> None:
-        """Wait until every block has at least ``replicas`` online servers."""
+    def wait_until_online(
+        self, replicas: int = 1, timeout: float = 300.0, blocks: Optional[tuple[int, int]] = None
+    ) -> None:
+        """Wait until every block (or blocks ``start..end-1``) has at least ``replicas`` online servers."""
         from ptune_search.swarm.connection import SwarmConnection
         from ptune_search.swarm.protocol import ServerState, block_uids
         from ptune_search.swarm.routing import fetch_block_records
 
-        uids = block_uids(self.prefix, 0, self.num_blocks)
+        uids = block_uids(self.prefix, *(blocks or (0, self.num_blocks)))
         deadline = time.monotonic() + timeout
         with SwarmConnection(self.initial_peers) as connection:
             while True:
@@ -295,18 +329,26 @@ class LocalSwarm:
         if self._interrupt is not None and self._interrupt.is_set():
             raise InterruptedError("the local swarm was interrupted while starting")
         for child in [self.bootstrap, *self.servers]:
-            if child is not None and not child.alive() and not getattr(child, "expected_exit", False):
+            if child is not None and not child.alive() and not child.expected_exit:
                 raise RuntimeError(
                     f"{child.name} exited with code {child.process.returncode}; log {child.log_path}:\n{child.log_tail()}"
                 )
 
     def dead_children(self) -> list[ChildProcess]:
-        return [c for c in [self.bootstrap, *self.servers] if c is not None and not c.alive()]
+        """Children that exited although nobody stopped them."""
+        return [c for c in [self.bootstrap, *self.servers] if c is not None and not c.alive() and not c.expected_exit]
+
+    def server_by_peer(self, peer_id: str) -> int:
+        """Index in :attr:`servers` of the server with ``peer_id``."""
+        for index, child in enumerate(self.servers):
+            if child.peer_id == peer_id:
+                return index
+        raise KeyError(f"no server of this swarm has peer id {peer_id}")
 
     def kill_server(self, index: int, sig: int = signal.SIGKILL) -> ChildProcess:
         """Send ``sig`` to server ``index`` and its p2p daemon (its whole process group), as if it crashed."""
         child = self.servers[index]
-        child.expected_exit = True  # type: ignore[attr-defined]
+        child.expected_exit = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, sig)
         return child

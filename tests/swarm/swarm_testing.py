@@ -1,0 +1,80 @@
+"""Helpers shared by the swarm tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ptune_search.models.llama import DistributedLlamaConfig
+from ptune_search.swarm.launcher import LocalSwarm
+
+NUM_BLOCKS = 6
+HIDDEN = 64
+MAX_TOKENS = 512
+MAX_PAYLOAD = 3 * 1024 * 1024
+LIMIT_ARGS = ["--max-tokens", str(MAX_TOKENS), "--max-payload-bytes", str(MAX_PAYLOAD)]
+
+
+def _process_table() -> list[tuple[int, int, int, str, str]]:
+    """(pid, ppid, pgid, state, name) of every process, read from /proc."""
+    table = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table.append((int(entry), int(fields[1]), int(fields[2]), fields[0], name))
+    return table
+
+
+def living(predicate: Callable[[tuple[int, int, int, str, str]], bool], wait: float = 10.0) -> list[tuple]:
+    """Processes matching ``predicate`` that are still alive (not zombies) after up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = [p for p in _process_table() if p[3] != "Z" and predicate(p)]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def p2pd_children_of_this_process() -> list[tuple]:
+    return living(lambda p: p[1] == os.getpid() and p[4].startswith("p2pd"), wait=5.0)
+
+
+def swarm_config(model: Path, swarm: LocalSwarm, **overrides) -> DistributedLlamaConfig:
+    from transformers import AutoConfig
+
+    config = DistributedLlamaConfig.from_any(AutoConfig.from_pretrained(model))
+    config.initial_peers = swarm.initial_peers
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def copy_trainable(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Give ``target`` the trainable parameters (prompts, head) of ``source``."""
+    with torch.no_grad():
+        for name, parameter in source.named_parameters():
+            if parameter.requires_grad:
+                target.get_parameter(name).copy_(parameter)
+
+
+def classification_batch(
+    seed: int, batch: int = 4, length: int = 12, vocab: int = 258, num_labels: int = 3, pad_from: Optional[int] = 7
+) -> dict[str, torch.Tensor]:
+    """Token ids, a right-padded attention mask (row 1 padded from ``pad_from``) and labels."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    if pad_from is not None and batch > 1:
+        attention_mask[1, pad_from:] = 0
+    labels = torch.randint(0, num_labels, (batch,), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,92 @@
+"""Blocks run by a swarm compute what local blocks compute: outputs and every gradient (fp32, 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptune_search.models.llama import DistributedLlamaForSequenceClassification
+from ptune_search.models.llama_blocks import LlamaBlockSpan
+from ptune_search.swarm.client import RemoteBlockChain
+
+from swarm_testing import HIDDEN, NUM_BLOCKS, classification_batch, copy_trainable, swarm_config
+
+TOLERANCE = 1e-5
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def run_step(model, batch, seed: int):
+    """Loss, logits and grads of inputs_embeds, prompts and deep prompts for one training step."""
+    torch.manual_seed(seed)
+    embeds = model.model.embed_tokens(batch["input_ids"]).detach().requires_grad_(True)
+    output = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    output.loss.backward()
+    grads = {"inputs_embeds": embeds.grad, "prompts": model.model.prompt_embeddings.weight.grad}
+    if model.model.tuning_mode == "deep_ptune":
+        grads["deep_prompts"] = model.model.intermediate_prompt_embeddings.weight.grad
+    return output.loss.detach(), output.logits.detach(), grads
+
+
+@pytest.mark.parametrize("servers", [2, 3])
+@pytest.mark.parametrize("tuning_mode", ["ptune", "deep_ptune"])
+def test_training_step_through_swarm_equals_local_blocks(
+    request, swarm_model, remote_classifier, servers, tuning_mode
+):
+    swarm = request.getfixturevalue(f"swarm{servers}")
+    settings = dict(num_labels=3, tuning_mode=tuning_mode, pre_seq_len=3)
+    local = DistributedLlamaForSequenceClassification.from_pretrained(swarm_model, local_blocks=True, **settings)
+    if tuning_mode == "deep_ptune":  # random deep prompts, not the zero init, so every block's rows matter
+        torch.nn.init.normal_(local.model.intermediate_prompt_embeddings.weight, std=0.5)
+    remote = remote_classifier(swarm, **settings)
+    copy_trainable(local, remote)
+    batch = classification_batch(seed=servers)
+
+    local_loss, local_logits, local_grads = run_step(local, batch, seed=0)
+    remote_loss, remote_logits, remote_grads = run_step(remote, batch, seed=0)
+
+    assert len(remote.model.layers.last_route) == servers
+    assert max_diff(remote_logits, local_logits) <= TOLERANCE
+    assert max_diff(remote_loss, local_loss) <= TOLERANCE
+    for name, grad in local_grads.items():
+        assert grad is not None and grad.abs().max() > 0, name
+        assert max_diff(remote_grads[name], grad) <= TOLERANCE, name
+
+
+def test_chain_with_per_example_deep_prompts_equals_local_blocks(swarm_model, swarm3):
+    """Deep prompts that differ per example travel whole; their grads come back per example."""
+    config = swarm_config(swarm_model, swarm3)
+    local = LlamaBlockSpan.from_checkpoint(swarm_model, config, 0, NUM_BLOCKS)
+    chain = RemoteBlockChain.connect(config)
+    try:
+        generator = torch.Generator().manual_seed(1)
+        hidden = torch.randn(3, 9, HIDDEN, generator=generator)
+        mask = torch.ones(3, 9, dtype=torch.long)
+        mask[2, 5:] = 0
+        prompts = torch.randn(3, 2 * NUM_BLOCKS, HIDDEN, generator=generator)
+        grad_out = torch.randn(3, 9, HIDDEN, generator=generator)
+        results = []
+        for blocks in (local, chain):
+            x, p = hidden.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
+            output = blocks(x, mask, p)
+            output.backward(grad_out)
+            results.append((output.detach(), x.grad, p.grad))
+        for ours, reference in zip(results[1], results[0]):
+            assert max_diff(ours, reference) <= TOLERANCE
+    finally:
+        chain.close()
+
+
+def test_forward_without_grad_equals_local_blocks(swarm_model, swarm2):
+    config = swarm_config(swarm_model, swarm2)
+    local = LlamaBlockSpan.from_checkpoint(swarm_model, config, 0, NUM_BLOCKS)
+    chain = RemoteBlockChain.connect(config)
+    try:
+        hidden = torch.randn(2, 7, HIDDEN)
+        mask = torch.ones(2, 7, dtype=torch.long)
+        with torch.no_grad():
+            assert max_diff(chain(hidden, mask), local(hidden, mask)) <= TOLERANCE
+    finally:
+        chain.close()

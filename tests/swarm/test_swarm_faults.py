@@ -1,0 +1,107 @@
+"""Replicas keep training alive when a server dies; dead servers leave the DHT; stopped ones say so."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import pytest
+import torch
+from swarm_testing import NUM_BLOCKS, classification_batch, swarm_config
+
+from ptune_search.swarm.connection import SwarmConnection
+from ptune_search.swarm.protocol import ServerState, block_uids
+from ptune_search.swarm.routing import fetch_block_records
+
+RECORD_TTL = 3.0
+FAST_RECORDS = ["--record-ttl", str(RECORD_TTL), "--refresh-period", "1"]
+STEPS = 30
+
+
+def train(model, batches, kill_at=None, on_kill=None) -> list[float]:
+    """SGD on the prompts and head; at step ``kill_at`` call ``on_kill`` between forward and backward."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for step in range(STEPS):
+        output = model(**batches[step % len(batches)])
+        if step == kill_at:
+            on_kill()
+        output.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(output.loss.item())
+    return losses
+
+
+def records_of(connection: SwarmConnection, swarm, peer_id: str) -> dict[str, ServerState]:
+    """The states this peer has announced for the swarm's blocks, as still found in the DHT."""
+    uids = block_uids(swarm.prefix, 0, NUM_BLOCKS)
+    found = connection.run(fetch_block_records(connection.node, uids), timeout=30)
+    return {uid: servers[peer].state for uid, servers in zip(uids, found) for peer in servers if peer.to_base58() == peer_id}
+
+
+def test_training_survives_sigkill_of_a_replica_and_its_records_expire(start_swarm, remote_classifier, swarm_model):
+    swarm = start_swarm(4, replicas=2, server_args=FAST_RECORDS)
+    settings = dict(tuning_mode="deep_ptune", pre_seq_len=2, ban_timeout=60.0, request_timeout=10.0)
+    batches = [classification_batch(seed) for seed in range(5)]
+
+    torch.manual_seed(0)
+    baseline_model = remote_classifier(swarm, **settings)
+    initial = {name: p.detach().clone() for name, p in baseline_model.named_parameters() if p.requires_grad}
+    baseline = train(baseline_model, batches)
+
+    model = remote_classifier(swarm, **settings)
+    with torch.no_grad():
+        for name, value in initial.items():
+            model.get_parameter(name).copy_(value)
+    victim = {}
+
+    def kill_first_server_of_the_route():
+        peer_id = model.model.layers.last_route[0][0]  # its forward graph is needed by the coming backward
+        victim["peer_id"] = peer_id
+        victim["child"] = swarm.kill_server(swarm.server_by_peer(peer_id), signal.SIGKILL)
+
+    losses = train(model, batches, kill_at=STEPS // 2, on_kill=kill_first_server_of_the_route)
+
+    assert victim["child"].process.wait(10) == -signal.SIGKILL
+    assert model.model.layers.passes.stats["rerouted_backward_hops"] == 1
+    assert all(math.isfinite(loss) for loss in losses)
+    assert max(abs(a - b) for a, b in zip(losses, baseline)) <= 1e-5
+    assert victim["peer_id"] not in [peer for peer, _, _ in model.model.layers.last_route]
+
+    with SwarmConnection(swarm.initial_peers) as connection:
+        deadline = time.monotonic() + RECORD_TTL + 10
+        while records_of(connection, swarm, victim["peer_id"]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert records_of(connection, swarm, victim["peer_id"]) == {}
+
+
+def test_forward_reroutes_around_a_dead_replica(start_swarm, remote_classifier):
+    swarm = start_swarm(2, replicas=2, server_args=FAST_RECORDS)  # two servers, each holding every block
+    model = remote_classifier(swarm, tuning_mode="ptune", pre_seq_len=2, ban_timeout=60.0, request_timeout=10.0)
+    batch = classification_batch(0)
+    chain = model.model.layers
+    with torch.no_grad():
+        expected = model(**batch).logits
+        used = chain.last_route[0][0]
+        swarm.kill_server(swarm.server_by_peer(used), signal.SIGKILL)
+        for _ in range(30):  # routes are random among replicas: go on until a forward has tried the dead one
+            assert torch.allclose(model(**batch).logits, expected, atol=1e-6)
+            assert chain.last_route[0][0] != used
+            if chain.passes.stats["failed_calls"]:
+                break
+    assert chain.passes.stats["failed_calls"] == 1  # then banned: never tried again
+
+
+def test_stopped_server_announces_offline_at_once(start_swarm, swarm_model):
+    swarm = start_swarm(0)
+    server = swarm.start_server(0, NUM_BLOCKS, extra_args=["--record-ttl", "60"])
+    swarm.wait_until_online()
+    peer_id = server.peer_id
+    with SwarmConnection(swarm.initial_peers) as connection:
+        assert set(records_of(connection, swarm, peer_id).values()) == {ServerState.ONLINE}
+        server.expected_exit = True
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 0
+        assert set(records_of(connection, swarm, peer_id).values()) == {ServerState.OFFLINE}
