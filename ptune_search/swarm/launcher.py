@@ -353,6 +353,18 @@ class LocalSwarm:
             os.killpg(child.pid, sig)
         return child
 
+    def stop_server(self, index: int, timeout: float = 30.0) -> int:
+        """Stop server ``index`` cleanly (SIGTERM: its records go offline); return its exit code."""
+        child = self.servers[index]
+        child.expected_exit = True
+        if child.alive():
+            child.process.send_signal(signal.SIGTERM)
+        try:
+            return child.process.wait(timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM every child (servers first), wait up to ``timeout`` s, then SIGKILL their process groups."""
         children = [*self.servers, *([self.bootstrap] if self.bootstrap else [])]

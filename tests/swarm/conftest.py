@@ -7,41 +7,15 @@ this pytest process may remain (clients must be closed), and at the end no proce
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import pytest
-from swarm_testing import HIDDEN, LIMIT_ARGS, NUM_BLOCKS, living, p2pd_children_of_this_process
+from swarm_testing import HIDDEN, LIMIT_ARGS, NUM_BLOCKS, SwarmRegistry, p2pd_children_of_this_process
 
 from ptune_search.models.llama import DistributedLlamaForSequenceClassification
 from ptune_search.swarm.launcher import LocalSwarm
 from ptune_search.tiny_llama import make_tiny_llama
-
-
-class SwarmRegistry:
-    """All swarms started in a scope; stops them and checks that nothing of them survives."""
-
-    def __init__(self) -> None:
-        self.swarms: list[LocalSwarm] = []
-
-    def start(self, model: Path, servers: int, replicas: int = 1, **kwargs) -> LocalSwarm:
-        swarm = LocalSwarm(model, servers, replicas, **kwargs)
-        self.swarms.append(swarm)
-        return swarm.start(timeout=180)
-
-    def stop_all(self) -> None:
-        groups = set()
-        for swarm in self.swarms:
-            groups |= {child.pid for child in [swarm.bootstrap, *swarm.servers] if child is not None}
-            swarm.stop()
-        survivors = living(lambda p: p[2] in groups)
-        for pid, *_ in survivors:  # never leave them running, even when failing the test
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        assert not survivors, f"processes survived their swarm: {survivors}"
 
 
 @pytest.fixture(scope="session")

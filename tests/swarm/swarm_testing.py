@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,11 +50,36 @@ def p2pd_children_of_this_process() -> list[tuple]:
     return living(lambda p: p[1] == os.getpid() and p[4].startswith("p2pd"), wait=5.0)
 
 
-def swarm_config(model: Path, swarm: LocalSwarm, **overrides) -> DistributedLlamaConfig:
+class SwarmRegistry:
+    """All swarms started in a scope; stops them and checks that nothing of them survives."""
+
+    def __init__(self) -> None:
+        self.swarms: list[LocalSwarm] = []
+
+    def start(self, model: Path, servers: int, replicas: int = 1, **kwargs) -> LocalSwarm:
+        swarm = LocalSwarm(model, servers, replicas, **kwargs)
+        self.swarms.append(swarm)
+        return swarm.start(timeout=180)
+
+    def stop_all(self) -> None:
+        groups = set()
+        for swarm in self.swarms:
+            groups |= {child.pid for child in [swarm.bootstrap, *swarm.servers] if child is not None}
+            swarm.stop()
+        survivors = living(lambda p: p[2] in groups)
+        for pid, *_ in survivors:  # never leave them running, even when failing the test
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert not survivors, f"processes survived their swarm: {survivors}"
+
+
+def swarm_config(model: Path, swarm: Optional[LocalSwarm], **overrides) -> DistributedLlamaConfig:
     from transformers import AutoConfig
 
     config = DistributedLlamaConfig.from_any(AutoConfig.from_pretrained(model))
-    config.initial_peers = swarm.initial_peers
+    config.initial_peers = swarm.initial_peers if swarm is not None else None
     for key, value in overrides.items():
         setattr(config, key, value)
     return config

@@ -1,0 +1,193 @@
+"""The swarm's parts on their own: fair queue, activation cache, wire format, uids and records, routing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+
+from ptune_search.swarm.activation_cache import ActivationCache, CachedForward
+from ptune_search.swarm.fair_queue import FairQueue, QueueFull
+from ptune_search.swarm.protocol import (
+    ServerRecord,
+    ServerState,
+    model_prefix,
+    parse_span_uid,
+    span_uid,
+    unpack_metadata,
+)
+from ptune_search.swarm.routing import BlockRouter
+from ptune_search.swarm.wire import PayloadTooLarge, TensorAssembler, deserialize_tensor, serialize_tensor, split_tensor
+
+
+def test_fair_queue_serves_clients_in_turn_so_a_burst_does_not_starve_others():
+    queue = FairQueue()
+    queue.start()
+    order: list[str] = []
+    release = threading.Event()
+
+    async def scenario():
+        blocker = asyncio.ensure_future(queue.run("x", release.wait))
+        await asyncio.sleep(0.05)
+        burst = [asyncio.ensure_future(queue.run("a", lambda i=i: order.append(f"a{i}"))) for i in range(3)]
+        other = asyncio.ensure_future(queue.run("b", lambda: order.append("b0")))
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.gather(blocker, *burst, other)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        queue.close()
+    assert order == ["a0", "b0", "a1", "a2"]
+
+
+def test_fair_queue_refuses_work_beyond_its_limit_and_reports_task_errors():
+    queue = FairQueue(max_pending=1)
+    queue.start()
+    release = threading.Event()
+
+    async def scenario():
+        running = asyncio.ensure_future(queue.run("a", release.wait))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(queue.run("a", lambda: 1))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="queue is full"):
+            await queue.run("b", lambda: 2)
+        release.set()
+        assert await waiting == 1
+        await running
+        with pytest.raises(ZeroDivisionError):
+            await queue.run("a", lambda: 1 / 0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        queue.close()
+
+
+def linear_forward(weight: torch.Tensor):
+    return lambda x, p: torch.tanh(x @ weight) * (1 if p is None else p.sum())
+
+
+def test_cached_forward_counts_activation_bytes_without_weights_and_gives_exact_grads():
+    weight = torch.randn(16, 16)
+    x, p = torch.randn(4, 16), torch.randn(3)
+    entry = CachedForward.run(linear_forward(weight), x, p, weights=frozenset({weight.untyped_storage().data_ptr()}))
+    assert entry.nbytes < 3 * x.numel() * 4 + 200  # x, tanh output and output; the 1 KiB weight is not counted
+    grad_out = torch.randn(4, 16)
+    grad_x, grad_p = entry.backward(grad_out)
+
+    x2, p2 = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    linear_forward(weight)(x2, p2).backward(grad_out)
+    assert torch.equal(grad_x, x2.grad) and torch.equal(grad_p, p2.grad)
+
+
+def test_activation_cache_evicts_oldest_entries_to_stay_within_its_byte_budget():
+    def entry(nbytes: int) -> CachedForward:
+        return CachedForward(torch.zeros(1), None, torch.zeros(1), nbytes, time.monotonic())
+
+    cache = ActivationCache(max_bytes=100)
+    assert cache.put("a", entry(40)) and cache.put("b", entry(40))
+    assert cache.put("c", entry(40))  # evicts "a"
+    assert not cache.put("huge", entry(101))
+    assert cache.pop("a") is None and cache.pop("b") is not None
+    assert cache.nbytes == 40 and cache.evictions == 1
+
+
+def test_activation_cache_drops_entries_older_than_max_age():
+    cache = ActivationCache(max_bytes=100, max_age=0.05)
+    cache.put("old", CachedForward(torch.zeros(1), None, torch.zeros(1), 10, time.monotonic()))
+    time.sleep(0.1)
+    cache.put("new", CachedForward(torch.zeros(1), None, torch.zeros(1), 10, time.monotonic()))
+    assert cache.pop("old") is None and cache.pop("new") is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_tensors_survive_serialization_and_streaming_in_chunks(dtype):
+    tensor = (torch.randn(3, 50, 7) * 100).to(dtype)
+    assembler = TensorAssembler(max_bytes=10**6)
+    for other in (tensor, tensor[:1]):
+        for part in split_tensor(serialize_tensor(other), chunk_bytes=256):
+            assembler.add(part)
+    first, second = assembler.tensors()
+    assert torch.equal(first, tensor) and torch.equal(second, tensor[:1])
+
+
+def test_tensor_stream_is_refused_beyond_its_byte_limit_or_with_inconsistent_chunks():
+    parts = list(split_tensor(serialize_tensor(torch.zeros(1000)), chunk_bytes=1000))
+    assembler = TensorAssembler(max_bytes=2000)
+    with pytest.raises(PayloadTooLarge, match="limit of 2000 bytes"):
+        for part in parts:
+            assembler.add(part)
+    with pytest.raises(ValueError, match="belongs to no tensor"):
+        TensorAssembler(10**6).add(parts[1])
+    truncated = TensorAssembler(10**6)
+    truncated.add(parts[0])
+    with pytest.raises(ValueError, match="announced 4 parts but 1 arrived"):
+        truncated.tensors()
+
+
+def test_tensors_of_inconsistent_size_are_refused():
+    message = serialize_tensor(torch.zeros(2, 3))
+    message.size[:] = [2, 4]
+    with pytest.raises(ValueError, match="needs 32"):
+        deserialize_tensor(message)
+
+
+def test_span_uids_name_consecutive_blocks_of_one_model():
+    assert span_uid("m", 3, 6) == "m.3 m.4 m.5"
+    assert parse_span_uid("m.3 m.4 m.5") == ("m", 3, 6)
+    assert parse_span_uid("a.b-c.0") == ("a.b-c", 0, 1)
+    for bad in ["", "m.3 m.5", "m.3 n.4", "m", "m.x", ".3"]:
+        with pytest.raises(ValueError):
+            parse_span_uid(bad)
+
+
+def test_model_prefix_comes_from_dht_prefix_or_the_checkpoint_folder():
+    class Config:
+        dht_prefix = None
+        _name_or_path = "/models/SmolLM2-135M/"
+
+    assert model_prefix(Config()) == "SmolLM2-135M"
+    Config.dht_prefix = "my model.v2"
+    assert model_prefix(Config()) == "my-model-v2"
+    Config.dht_prefix, Config._name_or_path = None, ""
+    with pytest.raises(ValueError, match="set config.dht_prefix"):
+        model_prefix(Config())
+
+
+def test_server_records_round_trip_and_garbage_is_rejected():
+    record = ServerRecord(ServerState.ONLINE, 2, 5, throughput=123.0, dtype="bfloat16")
+    assert ServerRecord.from_dict(record.to_dict()) == record
+    for garbage in [None, [], {"state": "dancing", "start": 0, "end": 1}, {"state": "online", "start": 3, "end": 1}]:
+        with pytest.raises(ValueError):
+            ServerRecord.from_dict(garbage)
+    with pytest.raises(ValueError, match="not valid msgpack"):
+        unpack_metadata(b"\xc1")
+
+
+def peer(index: int) -> PeerID:
+    return PeerID(bytes([0x00, 0x24]) + bytes([index]) * 36)
+
+
+def test_router_prefers_long_spans_avoids_banned_servers_and_retries_them_when_nothing_else_is_left():
+    router = BlockRouter(None, "m", 4, update_period=float("inf"))
+    router._updated = time.monotonic()
+    whole, first, second = peer(1), peer(2), peer(3)
+    router._online = [
+        {whole: ServerRecord(ServerState.ONLINE, 0, 4), first: ServerRecord(ServerState.ONLINE, 0, 2)},
+        {whole: ServerRecord(ServerState.ONLINE, 0, 4), first: ServerRecord(ServerState.ONLINE, 0, 2)},
+        {whole: ServerRecord(ServerState.ONLINE, 0, 4), second: ServerRecord(ServerState.ONLINE, 2, 4)},
+        {whole: ServerRecord(ServerState.ONLINE, 0, 4), second: ServerRecord(ServerState.ONLINE, 2, 4)},
+    ]
+    spans = {(s.peer_id, s.start, s.end) for s in router._candidates(1, 4)}
+    assert spans == {(whole, 1, 4), (first, 1, 2)}
+    router.ban(whole)
+    assert asyncio.run(router.choose_span(0)).peer_id == first
+    router.ban(second)
+    assert asyncio.run(router.choose_span(2, 3)).peer_id in {whole, second}  # all banned: try them anyway
