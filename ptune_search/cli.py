@@ -70,8 +70,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ConnectionError) as error:
         sys.exit(f"ptune-search {args.command}: error: {error}")
+    except KeyboardInterrupt:
+        print(f"ptune-search {args.command}: interrupted; everything it started is stopped (a search continues with --resume)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
+import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import optuna
 import ray
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -55,17 +56,35 @@ class TruthfulOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
         return suggestion
 
+    def restore(self, checkpoint_path: str) -> None:
+        """A driver killed between Optuna's ask and Tune's next snapshot leaves a study trial no Tune trial
+        will ever run; it would stay RUNNING forever, so it is marked FAIL (Optuna's rule for stale trials)."""
+        super().restore(checkpoint_path)
+        known = {ot_trial.number for ot_trial in self._ot_trials.values()}
+        for ghost in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if ghost.number not in known:
+                logger.warning("Optuna trial %d was never run by Tune (driver killed); marking it FAIL", ghost.number)
+                self._ot_study.tell(ghost.number, state=TrialState.FAIL)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:  # a resumed driver replays a result the study already has
+            self._completed_trials.add(trial_id)
+
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
             return
+        self._completed_trials.add(trial_id)
         ot_trial = self._ot_trials[trial_id]
+        if self._ot_study.get_trials(deepcopy=False)[ot_trial.number].state.is_finished():
+            return  # told before the driver was killed; Tune's older snapshot did not know
         if error:
             self._ot_study.tell(ot_trial, state=TrialState.FAIL)
         elif result and result.get("finished"):
             self._ot_study.tell(ot_trial, result[self.metric], state=TrialState.COMPLETE)
         else:
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-        self._completed_trials.add(trial_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +96,18 @@ class SearchOutcome:
 
 
 def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: bool = False) -> SearchOutcome:
-    """Run (or with ``resume``, continue) the search that ``config`` describes; returns the best trial."""
+    """Run (or with ``resume``, continue) the search that ``config`` describes; returns the best trial.
+
+    Everything that can fail fast (model, external swarm) is checked before a process starts. Ctrl-C stops
+    the search at once (Tune's own SIGINT handler is off) and leaves it resumable with ``resume=True``.
+    """
     model_path = str(resolve_model(config.model))
+    if config.swarm.mode == "external":
+        check_swarm_reachable(config.swarm.initial_peers)
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # Snapshot the experiment every second (not every 10 s): a killed driver then resumes with at most a
+    # second of trial state lost; what it replays, the MLflow callback and the searcher ignore.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     output_dir = config.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     config_file = output_dir / "config.yaml"
@@ -94,11 +123,18 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
             best = grid.get_best_result(METRIC, MODE, scope="last")
             baseline = _run_baseline(config, settings, tracker, best.config["lr"], resume) if config.baseline else None
         except BaseException:
-            tracker.abort_parent()
+            tracker.abort()
             raise
         report = write_search_report(output_dir, grid, study, baseline, METRIC)
         tracker.finish_parent(tracker.child_run_id(best.metrics["trial_id"]), report.summary, report.files)
     return SearchOutcome(report.best, baseline, report.trials, tracker.parent_run_id)
+
+
+def check_swarm_reachable(initial_peers: list[str]) -> None:
+    """Join the external swarm once as a client, so an unreachable one fails before Ray starts."""
+    from ptune_search.swarm.connection import SwarmConnection
+
+    SwarmConnection(initial_peers, startup_timeout=30).close()
 
 
 def _trial_settings(config: ExperimentConfig, model_path: str, initial_peers: list[str]) -> TrialSettings:

@@ -90,11 +90,16 @@ class SearchTracker:
         """The trial's child run, created on its first start only (a retried or resumed trial keeps its run)."""
         existing = self.child_run_id(trial_id)
         if existing is not None:
+            self.client.update_run(existing, status=RunStatus.to_string(RunStatus.RUNNING))
             return existing
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_run_id, TRIAL_TAG: trial_id, SEARCH_TAG: self.search_dir, ROLE_TAG: role}
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
+
+    def last_logged_step(self, run_id: str) -> int:
+        history = self.client.get_metric_history(run_id, "val_loss")
+        return max((metric.step for metric in history), default=0)
 
     def log_result(self, run_id: str, result: dict[str, Any]) -> None:
         """Per-step histories: each training step's loss, and the evaluation metrics at the window's end."""
@@ -120,9 +125,11 @@ class SearchTracker:
             self.client.log_artifact(self.parent_run_id, str(file))
         self.client.set_terminated(self.parent_run_id, status=RunStatus.to_string(RunStatus.FINISHED))
 
-    def abort_parent(self) -> None:
-        if self.parent_run_id is not None:
-            self.client.set_terminated(self.parent_run_id, status=RunStatus.to_string(RunStatus.KILLED))
+    def abort(self) -> None:
+        """An interrupted search: its parent and still-running children become KILLED until resumed."""
+        running = self._runs(f"tags.`{SEARCH_TAG}` = '{self.search_dir}' and attributes.status = 'RUNNING'")
+        for run in running:
+            self.client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
 
     def _runs(self, filter_string: str) -> list:
         return list(self.client.search_runs([self.experiment_id], filter_string, order_by=["attributes.start_time DESC"]))
@@ -141,13 +148,20 @@ class MlflowTrialCallback(tune.Callback):
         self.static_params = static_params
         self.role = role
         self.run_ids: dict[str, str] = {}
+        self.logged_steps: dict[str, int] = {}
         self.checkpoints: dict[str, tune.Checkpoint] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: "Trial", **info: Any) -> None:
         self._run_id(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: "Trial", result: dict, **info: Any) -> None:
-        self.tracker.log_result(self._run_id(trial), result)
+        """Each step once: a trial retried from an older checkpoint, or a resumed one, replays some steps."""
+        run_id = self._run_id(trial)
+        if trial.trial_id not in self.logged_steps:
+            self.logged_steps[trial.trial_id] = self.tracker.last_logged_step(run_id)
+        if result["step"] > self.logged_steps[trial.trial_id]:
+            self.tracker.log_result(run_id, result)
+            self.logged_steps[trial.trial_id] = result["step"]
 
     def on_checkpoint(self, iteration: int, trials: list, trial: "Trial", checkpoint: tune.Checkpoint, **info: Any) -> None:
         self.checkpoints[trial.trial_id] = checkpoint

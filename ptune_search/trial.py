@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -23,8 +22,6 @@ from ptune_search.data import TaskSpec, load_task
 from ptune_search.models import DistributedLlamaForSequenceClassification
 from ptune_search.ptune import PTuneConfig
 from ptune_search.training import evaluate, train_step, trainable_parameters
-
-logger = logging.getLogger(__name__)
 
 PROMPT_FILE = "prompt.safetensors"
 HEAD_FILE = "head.safetensors"
@@ -84,10 +81,13 @@ class PromptTuningTrial(tune.Trainable):
         )
         self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=config["lr"])
         self.steps_done = 0
+        self.latest_result: dict[str, Any] = {}
         self.batches = self.task.train_batches(settings.batch_size, settings.seed)
 
     def step(self) -> dict[str, Any]:
         settings = self.settings
+        if self.steps_done >= settings.max_steps:
+            return dict(self.latest_result)  # restored from its final checkpoint: nothing left to train
         window = min(settings.eval_every, settings.max_steps - self.steps_done)
         losses, tokens, started = [], 0, time.perf_counter()
         for _ in range(window):
@@ -98,7 +98,7 @@ class PromptTuningTrial(tune.Trainable):
         self.steps_done += window
         evaluation = evaluate(self.model, self.task.validation, settings.batch_size)
         finished = self.steps_done >= settings.max_steps
-        return {
+        self.latest_result = {
             "step": self.steps_done,
             "train_loss": sum(losses) / len(losses),
             "train_losses": losses,
@@ -108,6 +108,7 @@ class PromptTuningTrial(tune.Trainable):
             "finished": finished,
             "done": finished,
         }
+        return dict(self.latest_result)  # Tune adds its own keys to what it gets
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         folder = Path(checkpoint_dir)
@@ -117,7 +118,7 @@ class PromptTuningTrial(tune.Trainable):
         save_file({k: v for k, v in trained.items() if k.startswith(head_prefix)}, folder / HEAD_FILE)
         (folder / PTUNE_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.ptune)))
         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
-        (folder / STATE_FILE).write_text(json.dumps({"step": self.steps_done}))
+        (folder / STATE_FILE).write_text(json.dumps({"step": self.steps_done, "latest_result": self.latest_result}))
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         folder = Path(checkpoint_dir)
@@ -126,11 +127,12 @@ class PromptTuningTrial(tune.Trainable):
         if unexpected:
             raise ValueError(f"checkpoint {folder} holds tensors this trial's model lacks: {unexpected}")
         self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE))
-        self.steps_done = json.loads((folder / STATE_FILE).read_text())["step"]
+        state = json.loads((folder / STATE_FILE).read_text())
+        self.steps_done, self.latest_result = state["step"], state["latest_result"]
         self.batches = self.task.train_batches(self.settings.batch_size, self.settings.seed)
         for _ in range(self.steps_done):  # the same data order as a run that never stopped
             next(self.batches)
-        logger.info("resumed trial at step %d", self.steps_done)
+        print(f"resumed trial at step {self.steps_done} from {folder.name}", flush=True)  # Ray forwards it to the driver
 
     def cleanup(self) -> None:
         close = getattr(self.model.model.layers, "close", None)  # a swarm connection; local blocks have none

@@ -82,8 +82,8 @@ class SearchProcess:
         self._log.close()
 
 
-def assert_no_survivors(search: SearchProcess) -> None:
-    survivors = search.survivors()
+def assert_no_survivors(search: SearchProcess, grace: float = 30.0) -> None:
+    survivors = search.survivors(grace)
     assert not survivors, "processes outlived the search:\n" + "\n".join(survivors)
 
 

@@ -35,6 +35,6 @@ def metric_steps(output_dir: Path, run: Run, key: str) -> list[int]:
 
 
 def study_states(output_dir: Path) -> dict[str, str]:
-    """Tune trial id -> Optuna state name, from the study stored next to the MLflow store."""
+    """Tune trial id (or ``#number`` for a study trial Tune never ran) -> Optuna state name."""
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{output_dir / 'optuna.db'}")
-    return {trial.user_attrs[TUNE_TRIAL_ID_ATTR]: trial.state.name for trial in study.trials}
+    return {trial.user_attrs.get(TUNE_TRIAL_ID_ATTR, f"#{trial.number}"): trial.state.name for trial in study.trials}
