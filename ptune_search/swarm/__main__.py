@@ -42,6 +42,7 @@ def add_swarm_arguments(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=0)
     serve.add_argument("--info-file", help="once online, write the server's peer id and addresses here (JSON)")
+    serve.add_argument("--compute-lock", help="a file shared by the servers of this machine: they compute in turns")
 
     local = subparsers.add_parser("local", help="a bootstrap peer plus N block servers on 127.0.0.1")
     local.add_argument("--model", required=True)
@@ -49,6 +50,10 @@ def add_swarm_arguments(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("--replicas", type=int, default=1, help="servers per span (divides --servers)")
     local.add_argument("--peers-file", required=True, help="written once every block is online")
     local.add_argument("--log-dir", help="server logs (default: a new temporary folder)")
+    local.add_argument(
+        "--no-share-cores", dest="share_cores", action="store_false",
+        help="let the servers compute at the same time (by default they take turns on this machine's cores)",
+    )
     _add_server_options(local)
 
 
@@ -79,6 +84,7 @@ def run_swarm_command(args: argparse.Namespace) -> None:
             host=args.host,
             port=args.port,
             info_file=args.info_file,
+            compute_lock=args.compute_lock,
         )
     elif args.command == "local":
         server_args = ["--record-ttl", str(args.record_ttl)]
@@ -94,6 +100,7 @@ def run_swarm_command(args: argparse.Namespace) -> None:
             num_threads=args.num_threads,
             server_args=server_args,
             log_dir=args.log_dir,
+            share_cores=args.share_cores,
         )
     else:
         raise ValueError(f"unknown swarm command {args.command!r}")

@@ -146,7 +146,6 @@ class _RemoteChainFunction(torch.autograd.Function):
         grad_hidden, grad_prompts = chain.connection.run(
             chain.passes.backward(grad_output.contiguous(), attention_mask, ctx.prompts, ctx.hops)
         )
-        ctx.hops = None
         if grad_prompts is not None and grad_prompts.shape[0] != ctx.batch:
             # The prompts were one shared row: its grad is the batch's sum, which the expand's backward re-sums.
             grad_prompts = (grad_prompts / ctx.batch).expand(ctx.batch, -1, -1)

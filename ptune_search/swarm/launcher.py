@@ -109,10 +109,13 @@ def run_block_server(
     host: str = "127.0.0.1",
     port: int = 0,
     info_file: Optional[str | Path] = None,
+    compute_lock: Optional[str | Path] = None,
 ) -> None:
     """Serve blocks ``blocks`` ("A:B": A..B-1) of the checkpoint ``model`` until SIGINT or SIGTERM.
 
     Once online, the server writes ``{"peer_id", "maddrs", "start", "end", "pid"}`` as JSON to ``info_file``.
+    Servers on one machine given the same ``compute_lock`` file compute in turns instead of oversubscribing
+    its cores.
     """
     import torch
 
@@ -137,6 +140,7 @@ def run_block_server(
         refresh_period=refresh_period,
         host=host,
         port=port,
+        compute_lock=Path(compute_lock) if compute_lock else None,
     )
     if cache_bytes is not None:
         settings.cache_bytes = cache_bytes
@@ -197,7 +201,8 @@ class LocalSwarm:
 
     With ``servers=0`` only the bootstrap peer starts; add servers with :meth:`start_server`. The blocks are split into ``servers // replicas`` spans and each span is served by ``replicas`` servers,
     so ``servers`` must be a multiple of ``replicas``. ``server_args`` are extra ``swarm serve`` options
-    (e.g. ``["--record-ttl", "4"]``). Children die with this process's thread that started them.
+    (e.g. ``["--record-ttl", "4"]``). Children die with this process's thread that started them. With
+    ``share_cores`` (default) the servers take turns on the machine's cores (see HostComputeLock).
     """
 
     def __init__(
@@ -211,6 +216,7 @@ class LocalSwarm:
         num_threads: Optional[int] = None,
         server_args: Sequence[str] = (),
         log_dir: Optional[str | Path] = None,
+        share_cores: bool = True,
     ):
         from transformers import AutoConfig
 
@@ -228,6 +234,7 @@ class LocalSwarm:
         self.spans = split_blocks(self.num_blocks, servers // replicas) if servers else []
         self.dht_prefix, self.dtype, self.num_threads = dht_prefix, dtype, num_threads
         self.server_args = list(server_args)
+        self.share_cores = share_cores
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="ptune-swarm-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -280,6 +287,8 @@ class LocalSwarm:
             args += ["--dht-prefix", self.dht_prefix]
         if self.num_threads:
             args += ["--num-threads", str(self.num_threads)]
+        if self.share_cores:
+            args += ["--compute-lock", str(self.log_dir / "compute.lock")]
         args += ["--dtype", self.dtype, *self.server_args, *extra_args]
         name = f"server-{len(self.servers)}-blocks-{start}-{end}"
         args += ["--info-file", str(self.log_dir / f"{name}.json")]
@@ -404,6 +413,7 @@ def run_local_swarm(
     server_args: Sequence[str] = (),
     log_dir: Optional[str | Path] = None,
     ready_timeout: float = 600.0,
+    share_cores: bool = True,
 ) -> None:
     """Run a :class:`LocalSwarm`; write ``peers_file`` once every block is online; stop all on SIGINT/SIGTERM.
 
@@ -413,7 +423,7 @@ def run_local_swarm(
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     swarm = LocalSwarm(
         model, servers, replicas, dht_prefix=dht_prefix, dtype=dtype, num_threads=num_threads,
-        server_args=server_args, log_dir=log_dir,
+        server_args=server_args, log_dir=log_dir, share_cores=share_cores,
     )
     try:
         try:

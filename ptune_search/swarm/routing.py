@@ -16,7 +16,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from ptune_search.swarm.protocol import ServerRecord, ServerState, block_uid
+from ptune_search.swarm.protocol import PROTOCOL_VERSION, ServerRecord, ServerState, block_uid
 
 if TYPE_CHECKING:
     from hivemind.dht import DHTNode
@@ -99,8 +99,7 @@ class BlockRouter:
         async with self._refresh_lock:
             records = await fetch_block_records(self.node, self.uids)
             self._online = [
-                {peer: record for peer, record in servers.items() if record.state == ServerState.ONLINE}
-                for servers in records
+                {peer: record for peer, record in servers.items() if _usable(record)} for servers in records
             ]
             self._joining = [any(r.state == ServerState.JOINING for r in servers.values()) for servers in records]
             self._updated = time.monotonic()
@@ -152,3 +151,8 @@ class BlockRouter:
 
     def is_banned(self, peer_id: "PeerID") -> bool:
         return self._bans.get(peer_id, (0.0, 0))[0] > time.monotonic()
+
+
+def _usable(record: ServerRecord) -> bool:
+    """Online and speaking our protocol version (other versions may change what requests mean)."""
+    return record.state == ServerState.ONLINE and record.version == PROTOCOL_VERSION

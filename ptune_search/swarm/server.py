@@ -26,7 +26,7 @@ from transformers import AutoConfig
 from ptune_search.models.llama_blocks import LlamaBlockSpan
 from ptune_search.swarm.activation_cache import ActivationCache
 from ptune_search.swarm.announcer import ServerAnnouncer
-from ptune_search.swarm.fair_queue import FairQueue
+from ptune_search.swarm.fair_queue import FairQueue, HostComputeLock
 from ptune_search.swarm.protocol import (
     PROTOCOL_VERSION,
     BlockService,
@@ -57,6 +57,7 @@ class ServerSettings:
     refresh_period: Optional[float] = None  # default: record_ttl / 3
     host: str = "127.0.0.1"
     port: int = 0
+    compute_lock: Optional[Path] = None  # a file shared by the servers of one machine: they compute in turns
 
 
 class BlockServer:
@@ -95,7 +96,8 @@ class BlockServer:
         self.peer_id = node.peer_id.to_base58()
         self.maddrs = [str(addr) for addr in await node.get_visible_maddrs()]
         announcer = ServerAnnouncer(node, self.uids, ttl=settings.record_ttl, refresh_period=settings.refresh_period)
-        queue = FairQueue(settings.limits.max_queue)
+        host_lock = HostComputeLock(settings.compute_lock) if settings.compute_lock else None
+        queue = FairQueue(settings.limits.max_queue, host_lock=host_lock)
         record = ServerRecord(ServerState.JOINING, self.start, self.end, dtype=dtype_name(settings.dtype))
         try:
             await announcer.announce(record)
@@ -116,6 +118,8 @@ class BlockServer:
         finally:
             await announcer.stop(announce_offline=True)
             queue.close()
+            if host_lock is not None:
+                host_lock.close()
             await node.shutdown()
             logger.info(f"block server {self.peer_id} stopped")
 

@@ -151,3 +151,15 @@ def test_refusal_reaches_a_model_client_as_an_exception_naming_the_server(swarm2
     with pytest.raises(RequestRefused, match="too many tokens"):
         model(input_ids=input_ids)
     assert model.model.layers.passes.stats["failed_calls"] == 0
+
+
+def test_info_describes_the_served_blocks_and_limits(server):
+    connection, stub = server
+
+    async def info():
+        return unpack_metadata((await stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=30)).metadata)
+
+    described = connection.run(info(), timeout=60)
+    assert (described["prefix"], described["start"], described["end"]) == ("tiny-swarm", 0, 3)
+    assert described["hidden_size"] == HIDDEN and described["dtype"] == "float32"
+    assert described["limits"]["max_tokens"] == MAX_TOKENS and described["limits"]["max_payload_bytes"] == MAX_PAYLOAD

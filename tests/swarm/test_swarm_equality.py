@@ -90,3 +90,28 @@ def test_forward_without_grad_equals_local_blocks(swarm_model, swarm2):
             assert max_diff(chain(hidden, mask), local(hidden, mask)) <= TOLERANCE
     finally:
         chain.close()
+
+
+def test_bfloat16_server_equals_local_bfloat16_blocks_for_a_float32_client(swarm_model, start_swarm):
+    """The client's float32 hidden states travel as bfloat16; deep-prompt grads come back in float32."""
+    swarm = start_swarm(1, server_args=["--dtype", "bfloat16"])
+    config = swarm_config(swarm_model, swarm)
+    local = LlamaBlockSpan.from_checkpoint(swarm_model, config, 0, NUM_BLOCKS, dtype=torch.bfloat16)
+    chain = RemoteBlockChain.connect(config)
+    try:
+        generator = torch.Generator().manual_seed(2)
+        hidden = torch.randn(2, 6, HIDDEN, generator=generator)
+        mask = torch.ones(2, 6, dtype=torch.long)
+        weight = torch.randn(2 * NUM_BLOCKS, HIDDEN, generator=generator)
+        grad_out = torch.randn(2, 6, HIDDEN, generator=generator)
+        results = []
+        for blocks, dtype in ((local, torch.bfloat16), (chain, torch.float32)):
+            x, w = hidden.to(dtype).requires_grad_(True), weight.clone().requires_grad_(True)
+            output = blocks(x, mask, w.unsqueeze(0).expand(2, -1, -1))
+            output.backward(grad_out.to(dtype))
+            results.append((output.detach().float(), x.grad.float(), w.grad))
+        assert results[1][0].dtype == torch.float32
+        for ours, reference in zip(results[1], results[0]):
+            assert max_diff(ours, reference) <= 1e-2 * reference.abs().max().item()
+    finally:
+        chain.close()

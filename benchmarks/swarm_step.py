@@ -1,0 +1,162 @@
+"""How much a loopback swarm costs a prompt-tuning step, and what it serves to concurrent clients.
+
+On SmolLM2-135M (30 blocks): one training step of a sequence classifier (batch 8, 64 tokens, pre_seq_len 16)
+with local blocks in this process against the same step through a swarm of 2 block servers (15 blocks
+each) on 127.0.0.1, for ``ptune`` and ``deep_ptune``, taken in turns (local, swarm, local, ...) so that load
+from other processes hits both alike; then the aggregate tokens/s of 1, 2 and 4 client
+processes training at once on one swarm. Prints JSON lines::
+
+    {"benchmark": "swarm_step", "mode": "ptune", "local_median_s": 2.0, "swarm_median_s": 2.1, "ratio": 1.05, ...}
+    {"benchmark": "swarm_throughput", "clients": 4, "tokens_per_s": 171.0, ...}
+
+Run: ``python benchmarks/swarm_step.py [--model smollm2-135m] [--steps 5] [--clients 1 2 4]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+BATCH, LENGTH, PRE_SEQ_LEN, NUM_LABELS = 8, 64, 16, 5
+
+
+def make_batch(seed: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(0, vocab_size, (BATCH, LENGTH), generator=generator),
+        "attention_mask": torch.ones(BATCH, LENGTH, dtype=torch.long),
+        "labels": torch.randint(0, NUM_LABELS, (BATCH,), generator=generator),
+    }
+
+
+def build_model(path: Path, mode: str, initial_peers: Optional[Sequence[str]] = None):
+    from ptune_search.models.llama import DistributedLlamaForSequenceClassification
+
+    settings = dict(num_labels=NUM_LABELS, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN, request_timeout=120.0)
+    if initial_peers:
+        return DistributedLlamaForSequenceClassification.from_pretrained(path, initial_peers=initial_peers, **settings)
+    return DistributedLlamaForSequenceClassification.from_pretrained(path, local_blocks=True, **settings)
+
+
+class TimedTraining:
+    """Training steps of one model on one batch, each timed (forward, backward, optimizer step)."""
+
+    def __init__(self, model, batch: dict[str, torch.Tensor]):
+        self.model, self.batch = model, batch
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step(self) -> float:
+        started = time.perf_counter()
+        loss = self.model(**self.batch).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return time.perf_counter() - started
+
+
+def step_times(model, batch: dict[str, torch.Tensor], steps: int, warmup: int) -> list[float]:
+    training = TimedTraining(model, batch)
+    return [training.step() for _ in range(warmup + steps)][warmup:]
+
+
+def compare_step(path: Path, mode: str, peers: list[str], steps: int) -> dict:
+    """Local and swarm steps taken in turns, so that load from elsewhere on the machine hits both alike."""
+    torch.manual_seed(0)
+    local = build_model(path, mode)
+    remote = build_model(path, mode, peers)
+    with torch.no_grad():
+        for name, parameter in local.named_parameters():
+            if parameter.requires_grad:
+                remote.get_parameter(name).copy_(parameter)
+    batch = make_batch(0, local.config.vocab_size)
+    trainings = {"local": TimedTraining(local, batch), "swarm": TimedTraining(remote, batch)}
+    times: dict[str, list[float]] = {"local": [], "swarm": []}
+    load_before = os.getloadavg()[0]
+    for index in range(steps + 1):  # the first pair warms up
+        for name, training in trainings.items():
+            elapsed = training.step()
+            if index:
+                times[name].append(elapsed)
+    stats = dict(remote.model.layers.passes.stats)
+    remote.model.layers.close()
+    local_median, swarm_median = statistics.median(times["local"]), statistics.median(times["swarm"])
+    return {"benchmark": "swarm_step", "model": path.name, "mode": mode, "batch": BATCH, "tokens": LENGTH,
+            "pre_seq_len": PRE_SEQ_LEN, "servers": 2, "steps": steps,
+            "local_median_s": round(local_median, 3), "swarm_median_s": round(swarm_median, 3),
+            "ratio": round(swarm_median / local_median, 3),
+            "paired_ratio_median": round(statistics.median(s / l for s, l in zip(times["swarm"], times["local"])), 3),
+            "swarm_recomputes": stats["server_recomputes"], "failed_calls": stats["failed_calls"],
+            "torch_threads": torch.get_num_threads(), "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def client_process(path: str, peers: list[str], mode: str, steps: int, seed: int, barrier, results) -> None:
+    """One trial-like client: its own process, its own connection, its own prompts."""
+    torch.manual_seed(seed)
+    model = build_model(Path(path), mode, peers)
+    batch = make_batch(seed, model.config.vocab_size)
+    step_times(model, batch, steps=0, warmup=1)
+    barrier.wait()
+    started = time.perf_counter()
+    step_times(model, batch, steps=steps, warmup=0)
+    results.put((started, time.perf_counter()))
+    model.model.layers.close()
+
+
+def throughput(path: Path, peers: list[str], clients: int, mode: str, steps: int) -> dict:
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(clients), context.Queue()
+    processes = [
+        context.Process(target=client_process, args=(str(path), peers, mode, steps, seed, barrier, results))
+        for seed in range(clients)
+    ]
+    for process in processes:
+        process.start()
+    spans = [results.get(timeout=1800) for _ in processes]
+    for process in processes:
+        process.join(60)
+    wall = max(end for _, end in spans) - min(start for start, _ in spans)
+    tokens = clients * steps * BATCH * LENGTH
+    return {"benchmark": "swarm_throughput", "mode": mode, "clients": clients, "steps_per_client": steps,
+            "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="model alias or checkpoint folder")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per setting (after 1 warm-up)")
+    parser.add_argument("--modes", nargs="+", default=["ptune", "deep_ptune"])
+    parser.add_argument("--clients", type=int, nargs="*", default=[1, 2, 4], help="concurrent client counts")
+    parser.add_argument("--throughput-mode", default="ptune")
+    parser.add_argument("--throughput-steps", type=int, default=4)
+    parser.add_argument("--server-threads", type=int, help="torch threads per server (default: torch's)")
+    parser.add_argument("--no-share-cores", dest="share_cores", action="store_false",
+                        help="servers compute at the same time instead of taking turns on the cores")
+    args = parser.parse_args(argv)
+
+    from ptune_search.pretrained import resolve_model
+    from ptune_search.swarm.launcher import LocalSwarm
+
+    path = resolve_model(args.model)
+    with LocalSwarm(path, servers=2, num_threads=args.server_threads, share_cores=args.share_cores) as swarm:
+        for mode in args.modes:
+            emit(compare_step(path, mode, swarm.initial_peers, args.steps))
+        for clients in args.clients:
+            emit(throughput(path, swarm.initial_peers, clients, args.throughput_mode, args.throughput_steps))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
