@@ -39,7 +39,9 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ptune-search", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ptune-search", description="Prompt-tuning hyperparameter search over a swarm of block servers."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     prepare = commands.add_parser("prepare-model", help="convert a packaged model into a Hugging Face folder")
@@ -54,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.set_defaults(run=_demo)
+
+    swarm = commands.add_parser("swarm", help="run a bootstrap peer, a block server, or a whole local swarm")
+    from ptune_search.swarm.__main__ import add_swarm_arguments, run_swarm_command
+
+    add_swarm_arguments(swarm.add_subparsers(dest="command", required=True))
+    swarm.set_defaults(run=run_swarm_command)
 
     search = commands.add_parser("search", help="run the hyperparameter search an experiment config describes")
     search.add_argument("config", help="experiment config (YAML), e.g. experiments/smollm2_bbc_news.yaml")

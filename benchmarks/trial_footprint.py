@@ -1,0 +1,84 @@
+"""Memory and start-up of a trial client (remote blocks) next to a process holding the whole model.
+
+Each measured process is a fresh interpreter that builds the SmolLM2-135M classifier the way a trial does
+(``ptune_search.trial.build_classifier``), runs one training step (batch 8 x 64 tokens, pre_seq_len 16) and
+reports its peak RSS and the time from interpreter start to the end of that step. Prints JSON lines.
+
+    python benchmarks/trial_footprint.py [--model smollm2-135m] [--servers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+PROCESS_START = time.time()
+
+
+def measure(model: str, initial_peers: list[str]) -> dict:
+    """Runs inside the measured process."""
+    import torch
+
+    from ptune_search.ptune import PTuneConfig
+    from ptune_search.trial import build_classifier
+    from ptune_search.training import train_step, trainable_parameters
+
+    torch.manual_seed(0)
+    classifier = build_classifier(model, 5, 2, PTuneConfig(16, "ptune"), initial_peers or None)
+    optimizer = torch.optim.AdamW(trainable_parameters(classifier), lr=1e-3)
+    batch = {
+        "input_ids": torch.randint(0, 40000, (8, 64)),
+        "attention_mask": torch.ones(8, 64, dtype=torch.long),
+        "labels": torch.randint(0, 5, (8,)),
+    }
+    train_step(classifier, optimizer, batch)
+    first_step_s = time.time() - PROCESS_START
+    parameters = sum(p.numel() for p in classifier.parameters())
+    close = getattr(classifier.model.layers, "close", None)
+    if close is not None:
+        close()
+    return {
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "start_to_first_step_s": first_step_s,
+        "parameters_in_process": parameters,
+    }
+
+
+def run_measured_process(model: str, initial_peers: list[str]) -> dict:
+    args = [sys.executable, __file__, "--measure", "--model", model, "--initial-peers", *initial_peers]
+    completed = subprocess.run(args, capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--initial-peers", nargs="*", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.model, args.initial_peers)))
+        return
+
+    from ptune_search.pretrained import resolve_model
+    from ptune_search.swarm.launcher import LocalSwarm
+
+    model = str(resolve_model(args.model))
+    whole = {"process": "whole model (local blocks)", **run_measured_process(model, [])}
+    print(json.dumps(whole), flush=True)
+    with LocalSwarm(model, servers=args.servers) as swarm:
+        client = {"process": f"trial client ({args.servers}-server swarm)", **run_measured_process(model, swarm.initial_peers)}
+    print(json.dumps(client), flush=True)
+    print(json.dumps({
+        "rss_ratio_client_over_whole": client["peak_rss_mib"] / whole["peak_rss_mib"],
+        "first_step_ratio_client_over_whole": client["start_to_first_step_s"] / whole["start_to_first_step_s"],
+    }))
+
+
+if __name__ == "__main__":
+    main()
