@@ -20,7 +20,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ptune_search.config import ExperimentConfig
 from ptune_search.data import TaskSpec
 from ptune_search.pretrained import resolve_model
-from ptune_search.search_report import write_search_report
+from ptune_search.search_report import best_finished_trial, trial_rows, write_search_report
 from ptune_search.tracking import MlflowTrialCallback, SearchTracker
 from ptune_search.trial import PromptTuningTrial, TrialSettings
 
@@ -118,16 +118,16 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
         settings = _trial_settings(config, model_path, initial_peers)
         tracker.start_parent(output_dir.name, _flatten(config.to_dict()), config_file)
         try:
-            grid = _fit(config, settings, tracker, resume)
-            study = optuna.load_study(study_name=SEARCH_NAME, storage=_optuna_storage(output_dir))
-            best = grid.get_best_result(METRIC, MODE, scope="last")
-            baseline = _run_baseline(config, settings, tracker, best.config["lr"], resume) if config.baseline else None
+            rows = trial_rows(_fit(config, settings, tracker, resume), METRIC)
+            best = best_finished_trial(rows, METRIC)
+            baseline = _run_baseline(config, settings, tracker, best["lr"], resume) if config.baseline else None
         except BaseException:
             tracker.abort()
             raise
-        report = write_search_report(output_dir, grid, study, baseline, METRIC)
-        tracker.finish_parent(tracker.child_run_id(best.metrics["trial_id"]), report.summary, report.files)
-    return SearchOutcome(report.best, baseline, report.trials, tracker.parent_run_id)
+        study = optuna.load_study(study_name=SEARCH_NAME, storage=_optuna_storage(output_dir))
+        report = write_search_report(output_dir, rows, best, study, baseline, METRIC)
+        tracker.finish_parent(tracker.child_run_id(best["trial_id"]), report.summary, report.files)
+    return SearchOutcome(best, baseline, rows, tracker.parent_run_id)
 
 
 def check_swarm_reachable(initial_peers: list[str]) -> None:

@@ -22,8 +22,6 @@ OPTUNA_PLOTS = {
 
 @dataclasses.dataclass(frozen=True)
 class SearchReport:
-    trials: list[dict[str, Any]]
-    best: dict[str, Any]
     summary: dict[str, float]
     files: list[Path]
 
@@ -51,11 +49,23 @@ def trial_rows(grid: tune.ResultGrid, metric: str) -> list[dict[str, Any]]:
     return rows
 
 
+def best_finished_trial(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The best trial that ran its whole budget: an early-stopped trial's value is not comparable."""
+    finished = [row for row in rows if row["status"] == "finished" and row[metric] is not None]
+    if not finished:
+        raise RuntimeError("no trial finished its budget; see the trial errors above")
+    return max(finished, key=lambda row: row[metric])
+
+
 def write_search_report(
-    output_dir: Path, grid: tune.ResultGrid, study: optuna.Study, baseline_accuracy: Optional[float], metric: str
+    output_dir: Path,
+    rows: list[dict[str, Any]],
+    best: dict[str, Any],
+    study: optuna.Study,
+    baseline_accuracy: Optional[float],
+    metric: str,
 ) -> SearchReport:
     """Write ``trials.csv`` and Optuna's HTML plots to ``output_dir`` and print the summary table."""
-    rows = trial_rows(grid, metric)
     table = pd.DataFrame(rows).sort_values(metric, ascending=False, na_position="last")
     csv_file = output_dir / "trials.csv"
     table.to_csv(csv_file, index=False)
@@ -66,7 +76,6 @@ def write_search_report(
             files.append(output_dir / name)
         except (ValueError, RuntimeError) as error:  # e.g. importances need two finished trials
             logger.warning("skipped %s: %s", name, error)
-    best = table.iloc[0].to_dict()
     summary = {f"best_{metric}": float(best[metric])}
     if baseline_accuracy is not None:
         summary[f"baseline_{metric}"] = float(baseline_accuracy)
@@ -75,4 +84,4 @@ def write_search_report(
           f"lr={best['lr']:.2e}) {metric}={best[metric]:.4f}")
     if baseline_accuracy is not None:
         print(f"Head-only baseline with the same budget: {metric}={baseline_accuracy:.4f}")
-    return SearchReport(rows, best, summary, files)
+    return SearchReport(summary, files)
