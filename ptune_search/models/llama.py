@@ -67,10 +67,36 @@ class LoadableFromCheckpoint:
         local_blocks: bool = False,
         initial_peers: Optional[Sequence[str]] = None,
         dtype: torch.dtype = torch.float32,
+        prompt: Optional[str | Path] = None,
         **config_overrides: Any,
     ):
-        """Settings in ``config_overrides`` (e.g. ``tuning_mode="ptune"``) are set on the config first."""
-        return _load(cls, path, config, local_blocks, initial_peers, dtype, config_overrides)
+        """Settings in ``config_overrides`` (e.g. ``tuning_mode="ptune"``) are set on the config first.
+
+        ``prompt``: a folder written by ``ptune-search export``. Its tuning mode, prompt length and labels are
+        set on the config, and its tensors loaded; a checkpoint other than the one it was tuned with, or an
+        override that contradicts it, is refused before any block is loaded or any swarm is joined.
+        """
+        if prompt is None:
+            return _load(cls, path, config, local_blocks, initial_peers, dtype, config_overrides)
+        from ptune_search.exported_prompt import ExportedPrompt
+
+        exported = ExportedPrompt.read(prompt)
+        exported.check_settings(config_overrides)
+        exported.check_checkpoint(path)
+        settings = {**exported.manifest.config_settings(), **config_overrides}
+        model = _load(cls, path, config, local_blocks, initial_peers, dtype, settings)
+        exported.load_into(model, checkpoint_checked=True)
+        return model
+
+    def load_prompt(self, folder: str | Path) -> None:
+        """Load an exported prompt (``ptune-search export``) into this model, built for the same settings.
+
+        Refused with a clear error when the prompt was tuned on another checkpoint (fingerprint), another
+        architecture, another tuning mode or prompt length, or (for a classifier) another number of labels.
+        """
+        from ptune_search.exported_prompt import ExportedPrompt
+
+        ExportedPrompt.read(folder).load_into(self)
 
 
 class DistributedLlamaModel(LoadableFromCheckpoint, PTuneMixin, nn.Module):
