@@ -38,6 +38,31 @@ def _search(args: argparse.Namespace) -> None:
                       "parent_run_id": outcome.parent_run_id}, default=str))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from ptune_search.export import export_prompt
+
+    result = export_prompt(
+        args.tracking_uri, args.out, experiment=args.experiment, run_id=args.run_id, metric=args.metric,
+        mode=args.mode, overwrite=args.overwrite,
+    )
+    manifest = result.manifest
+    print(json.dumps({"out": str(result.folder), "source_run_id": manifest.source_run_id,
+                      "parent_run_id": manifest.parent_run_id, "tuning_mode": manifest.tuning_mode,
+                      "pre_seq_len": manifest.pre_seq_len, manifest.metric.name: manifest.metric.value}))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from ptune_search.predict import PromptClassifier, format_prediction, read_texts
+
+    texts = args.text or read_texts(args.file)
+    with PromptClassifier(
+        args.prompt, model_path=args.model, local_blocks=args.local_blocks, initial_peers=args.initial_peers,
+        peers_file=args.peers_file, dht_prefix=args.dht_prefix, batch_size=args.batch_size,
+    ) as classifier:
+        for prediction in classifier.classify(texts):
+            print(format_prediction(prediction, as_json=args.json), flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptune-search", description="Prompt-tuning hyperparameter search over a swarm of block servers."
@@ -70,6 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of a private one")
     search.add_argument("--resume", action="store_true", help="continue an interrupted search in its output_dir")
     search.set_defaults(run=_search)
+
+    export = commands.add_parser("export", help="write the best trial's prompt (or a named run's) to a folder")
+    export.add_argument("--tracking-uri", required=True, help="the search's MLflow store, e.g. sqlite:///runs/tiny/mlflow.db")
+    export.add_argument("--experiment", default=None, help="MLflow experiment; its latest search is used")
+    export.add_argument("--run-id", default=None, help="export this trial run instead of the best one")
+    export.add_argument("--metric", default="val_accuracy", help="final metric that ranks the FINISHED trials")
+    export.add_argument("--mode", default="max", choices=["max", "min"])
+    export.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --overwrite)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    export.set_defaults(run=_export)
+
+    predict = commands.add_parser("predict", help="classify texts with an exported prompt")
+    predict.add_argument("--prompt", required=True, help="folder written by `ptune-search export`")
+    texts = predict.add_mutually_exclusive_group(required=True)
+    texts.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    texts.add_argument("--file", help="one text per line (- reads standard input)")
+    blocks = predict.add_mutually_exclusive_group(required=True)
+    blocks.add_argument("--initial-peers", nargs="+", metavar="MULTIADDR", help="run the blocks on this swarm")
+    blocks.add_argument("--peers-file", help="file with the swarm's multiaddrs, one a line (`swarm local` writes one)")
+    blocks.add_argument("--local-blocks", action="store_true", help="run the blocks in this process")
+    predict.add_argument("--model", default=None, help="checkpoint folder (default: the manifest's model)")
+    predict.add_argument("--dht-prefix", default=None, help="the swarm's name for the model (default: its folder name)")
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--json", action="store_true", help="one JSON object per text and line")
+    predict.set_defaults(run=_predict)
     return parser
 
 
