@@ -4,10 +4,12 @@ On SmolLM2-135M (30 blocks): one training step of a sequence classifier (batch 8
 with local blocks in this process against the same step through a swarm of 2 block servers (15 blocks
 each) on 127.0.0.1, for ``ptune`` and ``deep_ptune``, taken in turns (local, swarm, local, ...) so that load
 from other processes hits both alike; then the aggregate tokens/s of 1, 2 and 4 client
-processes training at once on one swarm. Prints JSON lines::
+processes training at once on one swarm, measured in turns over ``--rounds``. The servers share the
+machine's cores (see ``ptune_search.swarm.host_cores``) unless ``--no-share-cores``. Prints JSON lines::
 
     {"benchmark": "swarm_step", "mode": "ptune", "local_median_s": 2.0, "swarm_median_s": 2.1, "ratio": 1.05, ...}
-    {"benchmark": "swarm_throughput", "clients": 4, "tokens_per_s": 171.0, ...}
+    {"benchmark": "swarm_throughput", "clients": 4, "tokens_per_s": 231.0, ...}
+    {"benchmark": "swarm_throughput_summary", "median_tokens_per_s": {"1": 170.2, "2": ..., "4": ...}, ...}
 
 Run: ``python benchmarks/swarm_step.py [--model smollm2-135m] [--steps 5] [--clients 1 2 4]``.
 """
@@ -98,8 +100,11 @@ def compare_step(path: Path, mode: str, peers: list[str], steps: int) -> dict:
             "torch_threads": torch.get_num_threads(), "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
-def client_process(path: str, peers: list[str], mode: str, steps: int, seed: int, barrier, results) -> None:
+def client_process(
+    path: str, peers: list[str], mode: str, steps: int, seed: int, threads: int, barrier, results
+) -> None:
     """One trial-like client: its own process, its own connection, its own prompts."""
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = build_model(Path(path), mode, peers)
     batch = make_batch(seed, model.config.vocab_size)
@@ -111,11 +116,11 @@ def client_process(path: str, peers: list[str], mode: str, steps: int, seed: int
     model.model.layers.close()
 
 
-def throughput(path: Path, peers: list[str], clients: int, mode: str, steps: int) -> dict:
+def throughput(path: Path, peers: list[str], clients: int, mode: str, steps: int, threads: int) -> dict:
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(clients), context.Queue()
     processes = [
-        context.Process(target=client_process, args=(str(path), peers, mode, steps, seed, barrier, results))
+        context.Process(target=client_process, args=(str(path), peers, mode, steps, seed, threads, barrier, results))
         for seed in range(clients)
     ]
     for process in processes:
@@ -126,7 +131,7 @@ def throughput(path: Path, peers: list[str], clients: int, mode: str, steps: int
     wall = max(end for _, end in spans) - min(start for start, _ in spans)
     tokens = clients * steps * BATCH * LENGTH
     return {"benchmark": "swarm_throughput", "mode": mode, "clients": clients, "steps_per_client": steps,
-            "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
+            "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1), "client_threads": threads,
             "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -142,6 +147,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 2, 4], help="concurrent client counts")
     parser.add_argument("--throughput-mode", default="ptune")
     parser.add_argument("--throughput-steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="measure every client count this many times, in turns (1, 2, 4, 1, 2, 4, ...)")
+    parser.add_argument("--client-threads", type=int, default=1,
+                        help="torch threads of each client process (their own compute is small)")
     parser.add_argument("--server-threads", type=int, help="torch threads per server (default: torch's)")
     parser.add_argument("--no-share-cores", dest="share_cores", action="store_false",
                         help="servers compute at the same time instead of taking turns on the cores")
@@ -154,8 +163,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with LocalSwarm(path, servers=2, num_threads=args.server_threads, share_cores=args.share_cores) as swarm:
         for mode in args.modes:
             emit(compare_step(path, mode, swarm.initial_peers, args.steps))
-        for clients in args.clients:
-            emit(throughput(path, swarm.initial_peers, clients, args.throughput_mode, args.throughput_steps))
+        rates: dict[int, list[float]] = {clients: [] for clients in args.clients}
+        for _ in range(args.rounds):
+            for clients in args.clients:
+                record = throughput(path, swarm.initial_peers, clients, args.throughput_mode, args.throughput_steps,
+                                    args.client_threads)
+                rates[clients].append(record["tokens_per_s"])
+                emit(record)
+        medians = {clients: statistics.median(values) for clients, values in rates.items()}
+        summary = {"benchmark": "swarm_throughput_summary", "mode": args.throughput_mode, "rounds": args.rounds,
+                   "median_tokens_per_s": {str(clients): round(rate, 1) for clients, rate in medians.items()}}
+        if 1 in medians and max(medians) > 1:
+            summary[f"ratio_{max(medians)}_to_1_clients"] = round(medians[max(medians)] / medians[1], 3)
+        emit(summary)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import fcntl
-import os
 import threading
-from pathlib import Path
-from typing import Any, Callable, ContextManager, Hashable, Optional, TypeVar
+import time
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Optional, TypeVar
+
+if TYPE_CHECKING:
+    from ptune_search.swarm.host_cores import HostCores
 
 T = TypeVar("T")
 
@@ -37,40 +38,32 @@ class _Task:
         self.fn, self.loop, self.future = fn, loop, future
 
 
-class HostComputeLock:
-    """A file lock that the block servers of one machine take around each task, so they use its cores in turns.
-
-    Two servers computing at once with a torch thread per core each oversubscribe the cores; on 2 cores that
-    is several times slower than taking turns. The kernel releases the lock of a process that dies.
+class FairQueue:
+    """Args:
+    max_pending: waiting tasks of all clients together beyond which ``run`` raises QueueFull.
+    cores: the machine's cores shared with other servers (see HostCores); each task computes with the
+        cores free at its start.
+    set_threads: called in the worker with the number of cores to use (e.g. ``torch.set_num_threads``).
+    threads: the number of threads without ``cores``.
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-
-    def __enter__(self) -> "HostComputeLock":
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-
-
-class FairQueue:
     def __init__(
-        self, max_pending: int = 1024, name: str = "block-compute", host_lock: Optional[HostComputeLock] = None
+        self,
+        max_pending: int = 1024,
+        name: str = "block-compute",
+        *,
+        cores: Optional[HostCores] = None,
+        set_threads: Optional[Callable[[int], None]] = None,
+        threads: Optional[int] = None,
     ):
         self.max_pending = max_pending
-        self._host_lock: ContextManager = host_lock if host_lock is not None else contextlib.nullcontext()
+        self._cores, self._set_threads, self._threads = cores, set_threads, threads
         self._condition = threading.Condition()
         self._queues: collections.OrderedDict[Hashable, collections.deque[_Task]] = collections.OrderedDict()
         self._pending = 0
         self._closed = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self.stats = {"tasks": 0, "compute_s": 0.0, "lock_wait_s": 0.0, "shared_core_tasks": 0}
 
     def start(self) -> None:
         self._thread.start()
@@ -107,17 +100,42 @@ class FairQueue:
                 del self._queues[client]
             return task
 
+    def _use_threads(self, threads: Optional[int]) -> None:
+        if threads and threads != self._threads and self._set_threads is not None:
+            self._set_threads(threads)
+            self._threads = threads
+
+    def _hold_cores(self) -> ContextManager[Optional[int]]:
+        if self._cores is None:
+            return contextlib.nullcontext(None)
+        return self._cores.hold()
+
     def _work(self) -> None:
+        if self._threads and self._set_threads is not None:
+            self._set_threads(self._threads)
         while (task := self._next_task()) is not None:
             if task.future.cancelled():  # the client gave up or disconnected: skip the work
                 continue
             try:
-                with self._host_lock:
-                    result = task.fn()
+                waited = time.perf_counter()
+                with self._hold_cores() as held:
+                    self._use_threads(held)
+                    started = time.perf_counter()
+                    try:
+                        result = task.fn()
+                    finally:
+                        self._account(started - waited, time.perf_counter() - started, held)
             except BaseException as e:  # noqa: BLE001 - every failure goes back to the waiting handler
                 _reply(task, None, e)
             else:
                 _reply(task, result, None)
+
+    def _account(self, lock_wait: float, compute: float, cores: Optional[int]) -> None:
+        self.stats["tasks"] += 1
+        self.stats["lock_wait_s"] += lock_wait
+        self.stats["compute_s"] += compute
+        if cores == 1:
+            self.stats["shared_core_tasks"] += 1
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the task in progress, fail the waiting ones and stop the worker."""

@@ -114,8 +114,8 @@ def run_block_server(
     """Serve blocks ``blocks`` ("A:B": A..B-1) of the checkpoint ``model`` until SIGINT or SIGTERM.
 
     Once online, the server writes ``{"peer_id", "maddrs", "start", "end", "pid"}`` as JSON to ``info_file``.
-    Servers on one machine given the same ``compute_lock`` file compute in turns instead of oversubscribing
-    its cores.
+    Servers on one machine given the same ``compute_lock`` prefix share its cores instead of oversubscribing
+    them (see :class:`~ptune_search.swarm.host_cores.HostCores`).
     """
     import torch
 
@@ -288,7 +288,7 @@ class LocalSwarm:
         if self.num_threads:
             args += ["--num-threads", str(self.num_threads)]
         if self.share_cores:
-            args += ["--compute-lock", str(self.log_dir / "compute.lock")]
+            args += ["--compute-lock", str(self.log_dir / "cores.lock")]
         args += ["--dtype", self.dtype, *self.server_args, *extra_args]
         name = f"server-{len(self.servers)}-blocks-{start}-{end}"
         args += ["--info-file", str(self.log_dir / f"{name}.json")]

@@ -46,8 +46,9 @@ class BlockRPCHandlers:
         self._weight_storages = frozenset(t.untyped_storage().data_ptr() for t in tensors)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        info = dict(self.info, queue=self.queue.pending, cache={"bytes": self.cache.nbytes, "hits": self.cache.hits,
-                                                                 "misses": self.cache.misses})
+        cache = {"bytes": self.cache.nbytes, "hits": self.cache.hits, "misses": self.cache.misses,
+                 "evictions": self.cache.evictions}
+        info = dict(self.info, queue=self.queue.pending, compute=dict(self.queue.stats), cache=cache)
         return runtime_pb2.ExpertResponse(metadata=pack_metadata(info))
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:

@@ -3,7 +3,7 @@
 Lifecycle: join the DHT and announce ``joining`` -> load only the span's weights -> measure throughput ->
 register the RPCs and announce ``online`` (refreshed every ``refresh_period``) -> on stop announce
 ``offline``, fail queued work and shut down the p2p daemon. All work of all clients runs on one compute
-thread through a :class:`FairQueue`.
+thread through a :class:`FairQueue`; servers on one machine share its cores through :class:`HostCores`.
 
 Example::
 
@@ -26,7 +26,8 @@ from transformers import AutoConfig
 from ptune_search.models.llama_blocks import LlamaBlockSpan
 from ptune_search.swarm.activation_cache import ActivationCache
 from ptune_search.swarm.announcer import ServerAnnouncer
-from ptune_search.swarm.fair_queue import FairQueue, HostComputeLock
+from ptune_search.swarm.fair_queue import FairQueue
+from ptune_search.swarm.host_cores import HostCores
 from ptune_search.swarm.protocol import (
     PROTOCOL_VERSION,
     BlockService,
@@ -57,7 +58,7 @@ class ServerSettings:
     refresh_period: Optional[float] = None  # default: record_ttl / 3
     host: str = "127.0.0.1"
     port: int = 0
-    compute_lock: Optional[Path] = None  # a file shared by the servers of one machine: they compute in turns
+    compute_lock: Optional[Path] = None  # lock-file prefix shared by the servers of one machine (HostCores)
 
 
 class BlockServer:
@@ -96,8 +97,10 @@ class BlockServer:
         self.peer_id = node.peer_id.to_base58()
         self.maddrs = [str(addr) for addr in await node.get_visible_maddrs()]
         announcer = ServerAnnouncer(node, self.uids, ttl=settings.record_ttl, refresh_period=settings.refresh_period)
-        host_lock = HostComputeLock(settings.compute_lock) if settings.compute_lock else None
-        queue = FairQueue(settings.limits.max_queue, host_lock=host_lock)
+        cores = HostCores(settings.compute_lock) if settings.compute_lock else None
+        queue = FairQueue(
+            settings.limits.max_queue, cores=cores, set_threads=torch.set_num_threads, threads=settings.num_threads
+        )
         record = ServerRecord(ServerState.JOINING, self.start, self.end, dtype=dtype_name(settings.dtype))
         try:
             await announcer.announce(record)
@@ -106,8 +109,6 @@ class BlockServer:
             span = await loop.run_in_executor(None, self._load_span)
             throughput = await loop.run_in_executor(None, measure_throughput, span, settings.dtype)
             queue.start()
-            if settings.num_threads:
-                await queue.run("setup", lambda: torch.set_num_threads(settings.num_threads))
             handlers = self._handlers(span, queue, throughput)
             await BlockService().add_p2p_handlers(node.p2p, wrapper=handlers)
             await announcer.announce(dataclasses.replace(record, state=ServerState.ONLINE, throughput=throughput))
@@ -118,8 +119,8 @@ class BlockServer:
         finally:
             await announcer.stop(announce_offline=True)
             queue.close()
-            if host_lock is not None:
-                host_lock.close()
+            if cores is not None:
+                cores.close()
             await node.shutdown()
             logger.info(f"block server {self.peer_id} stopped")
 

@@ -1,4 +1,4 @@
-"""The swarm's parts on their own: fair queue, activation cache, wire format, uids and records, routing."""
+"""The swarm's parts on their own: fair queue, host cores, activation cache, wire format, uids, records, routing."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from hivemind.p2p import PeerID
 
 from ptune_search.swarm.activation_cache import ActivationCache, CachedForward
 from ptune_search.swarm.fair_queue import FairQueue, QueueFull
+from ptune_search.swarm.host_cores import HostCores
 from ptune_search.swarm.protocol import (
     ServerRecord,
     ServerState,
@@ -191,3 +192,55 @@ def test_router_prefers_long_spans_avoids_banned_servers_and_retries_them_when_n
     assert asyncio.run(router.choose_span(0)).peer_id == first
     router.ban(second)
     assert asyncio.run(router.choose_span(2, 3)).peer_id in {whole, second}  # all banned: try them anyway
+
+
+def test_host_cores_go_all_to_a_lone_task_and_one_each_to_tasks_at_the_same_time(tmp_path):
+    first, second = HostCores(tmp_path / "cores", cores=2), HostCores(tmp_path / "cores", cores=2)
+    entered, leave = threading.Event(), threading.Event()
+    second_held = []
+
+    def second_task():
+        with second.hold() as held:
+            second_held.append(held)
+            entered.set()
+            leave.wait(5)
+
+    try:
+        with first.hold() as held:
+            assert held == 2
+            thread = threading.Thread(target=second_task)
+            thread.start()
+            assert not entered.wait(0.3)  # every core is in use: the second waits for one
+        assert entered.wait(5) and second_held == [1]
+        with first.hold() as held:  # one core is still free
+            assert held == 1
+        leave.set()
+        thread.join()
+    finally:
+        leave.set()
+        first.close()
+        second.close()
+
+
+def test_fair_queue_sets_the_threads_to_the_cores_each_task_holds(tmp_path):
+    threads_used: list[int] = []
+    cores, other = HostCores(tmp_path / "cores", cores=2), HostCores(tmp_path / "cores", cores=2)
+    queue = FairQueue(cores=cores, set_threads=threads_used.append, threads=2)
+    queue.start()
+
+    async def scenario():
+        await queue.run("a", lambda: None)
+        with other.hold():  # another server computes on both cores: the next task waits for one
+            waiting = asyncio.ensure_future(queue.run("b", lambda: None))
+            await asyncio.sleep(0.2)
+            assert not waiting.done()
+        await waiting
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        queue.close()
+        cores.close()
+        other.close()
+    assert threads_used == [2, 1]  # the worker's start, then b's task on the one core it waited for
+    assert queue.stats["shared_core_tasks"] == 1
