@@ -27,6 +27,7 @@ from ptune_search.swarm.chain_passes import ChainPasses, ChainSettings, Hop
 from ptune_search.swarm.connection import SwarmConnection
 from ptune_search.swarm.protocol import model_prefix
 from ptune_search.swarm.routing import BlockRouter
+from ptune_search.swarm.wire import STREAM_THRESHOLD
 
 
 @dataclasses.dataclass
@@ -38,6 +39,7 @@ class ClientSettings:
     block_wait_timeout: float = 30.0
     ban_timeout: float = 15.0
     route_update_period: float = 30.0
+    stream_threshold: int = STREAM_THRESHOLD  # payloads above this many bytes are streamed
 
     @classmethod
     def from_config(cls, config: Any) -> "ClientSettings":
@@ -58,7 +60,11 @@ class RemoteBlockChain(nn.Module):
             ban_timeout=settings.ban_timeout,
             block_wait_timeout=settings.block_wait_timeout,
         )
-        chain_settings = ChainSettings(request_timeout=settings.request_timeout, max_retries=settings.max_retries)
+        chain_settings = ChainSettings(
+            request_timeout=settings.request_timeout,
+            max_retries=settings.max_retries,
+            stream_threshold=settings.stream_threshold,
+        )
         self.passes = ChainPasses(connection.p2p, self.router, chain_settings)
         self.last_route: list[tuple[str, int, int]] = []  # (peer id, start, end) of the last forward's hops
 

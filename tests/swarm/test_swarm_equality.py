@@ -55,9 +55,10 @@ def test_training_step_through_swarm_equals_local_blocks(
         assert max_diff(remote_grads[name], grad) <= TOLERANCE, name
 
 
-def test_chain_with_per_example_deep_prompts_equals_local_blocks(swarm_model, swarm3):
+@pytest.mark.parametrize("stream_threshold", [2**20, 1024], ids=["unary", "streamed"])
+def test_chain_with_per_example_deep_prompts_equals_local_blocks(swarm_model, swarm3, stream_threshold):
     """Deep prompts that differ per example travel whole; their grads come back per example."""
-    config = swarm_config(swarm_model, swarm3)
+    config = swarm_config(swarm_model, swarm3, stream_threshold=stream_threshold)
     local = LlamaBlockSpan.from_checkpoint(swarm_model, config, 0, NUM_BLOCKS)
     chain = RemoteBlockChain.connect(config)
     try:
