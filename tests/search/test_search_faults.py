@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 
 # Long enough trials (about a second per evaluation window on the tiny model) to be hit mid-way; no ASHA
 # rung before the end, so every trial runs to max_steps and counts are exact.
+MAX_CONCURRENT_TRIALS = 2  # experiments/tiny.yaml
 LONG_TRIALS = ["budget.max_steps=60", "budget.eval_every=6", "scheduler.grace_period=60", "baseline=false"]
 
 
@@ -51,9 +52,10 @@ def test_resume_after_sigkill_of_the_driver_reruns_nothing(run_search, tmp_path)
         assert metric_steps(output, children[trial_id], "train_loss") == steps, f"{trial_id} was run again"
     states = study_states(output)
     assert {states[trial_id] for trial_id in children} == {"COMPLETE"}
-    # A suggestion asked for just before the kill and never run by Tune is failed, not left RUNNING.
+    # Suggestions asked for after Tune's last snapshot (one per concurrent slot at most) are never run by
+    # Tune: they are failed, not left RUNNING.
     never_run = {trial_id: state for trial_id, state in states.items() if trial_id not in children}
-    assert len(never_run) <= 1 and set(never_run.values()) <= {"FAIL"}, never_run
+    assert len(never_run) <= MAX_CONCURRENT_TRIALS and set(never_run.values()) <= {"FAIL"}, never_run
     assert_no_survivors(second)
 
 
