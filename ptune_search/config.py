@@ -89,11 +89,12 @@ class TaskConfig(_Section):
 
 
 class SwarmConfig(_Section):
-    """The block servers trials share: started by the search (local) or already running (external)."""
+    """The block servers trials share: started by the search as processes on the driver's machine (local) or as
+    Ray actors on the cluster nodes with the ``swarm_host`` resource (ray), or already running (external)."""
 
-    mode: Literal["local", "external"] = "local"
-    servers: PositiveInt = 2  # local only
-    replicas: PositiveInt = 1  # local only
+    mode: Literal["local", "ray", "external"] = "local"
+    servers: PositiveInt = 2  # local and ray only
+    replicas: PositiveInt = 1  # local and ray only
     initial_peers: list[StrictStr] = Field(default_factory=list)  # external only
 
     @field_validator("initial_peers")
@@ -114,10 +115,10 @@ class SwarmConfig(_Section):
                 ("initial_peers",),
                 "[] is not allowed: {section}mode 'external' needs at least one peer multiaddr to join",
             )
-        if self.mode == "local" and self.initial_peers:
+        if self.mode in ("local", "ray") and self.initial_peers:
             raise _Problem(
                 ("initial_peers",),
-                f"{_show(self.initial_peers)} is not allowed: must be empty when {{section}}mode is 'local' "
+                f"{_show(self.initial_peers)} is not allowed: must be empty when {{section}}mode is '{self.mode}' "
                 "(the search starts its own swarm); set {section}mode to 'external' to join these peers",
             )
         return self

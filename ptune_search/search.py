@@ -113,7 +113,9 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
     config_file = output_dir / "config.yaml"
     if not (resume and config_file.exists()):
         config_file.write_text(config.to_yaml())
-    tracker = SearchTracker(config.tracking_uri, config.mlflow.experiment_name, output_dir, output_dir / "mlartifacts")
+    # A sqlite store keeps artifacts beside it; a tracking server (http) stores them itself (artifact proxying).
+    artifact_root = output_dir / "mlartifacts" if config.tracking_uri.startswith("sqlite:") else None
+    tracker = SearchTracker(config.tracking_uri, config.mlflow.experiment_name, output_dir, artifact_root)
     with _ray(address), _swarm(config, model_path) as initial_peers:
         settings = _trial_settings(config, model_path, initial_peers)
         tracker.start_parent(output_dir.name, _flatten(config.to_dict()), config_file)
@@ -281,6 +283,12 @@ def _ray(address: Optional[str]) -> Iterator[None]:
 def _swarm(config: ExperimentConfig, model_path: str) -> Iterator[list[str]]:
     if config.swarm.mode == "external":
         yield list(config.swarm.initial_peers)
+        return
+    if config.swarm.mode == "ray":  # servers as Ray actors on the cluster's swarm_host nodes
+        from ptune_search.ray_swarm import RaySwarm
+
+        with RaySwarm(model_path, config.model, servers=config.swarm.servers, replicas=config.swarm.replicas) as swarm:
+            yield swarm.initial_peers
         return
     from ptune_search.swarm.launcher import LocalSwarm
 
