@@ -23,7 +23,7 @@ NUM_SAMPLES = 4  # experiments/tiny.yaml
 
 
 @pytest.fixture
-def head():
+def loopback_head():
     # A short folder: Ray's socket paths under <root>/ray must stay below the 108-byte limit.
     root = Path(tempfile.mkdtemp(prefix="ptc-", dir="/tmp"))
     head = LoopbackHead(root)
@@ -46,8 +46,8 @@ def ray_cli(head: LoopbackHead, *args: str, timeout: float) -> int:
                           env=env, cwd=REPO, timeout=timeout)
 
 
-def test_ray_up_submit_down_records_the_search_in_the_heads_mlflow(head):
-    head, cluster_name = head
+def test_ray_up_submit_down_records_the_search_in_the_heads_mlflow(loopback_head):
+    head, cluster_name = loopback_head
     # ray down runs `ray stop` on the head: it must reach the head's own stop, never Ray's (which stops every Ray here).
     which = head.session("command -v ray")
     assert which.stdout.strip() == str(head.bin / "ray"), which
@@ -57,7 +57,9 @@ def test_ray_up_submit_down_records_the_search_in_the_heads_mlflow(head):
     (head.root / "client" / "tmp").mkdir()
     config = head.root / "cluster.yaml"
     config.write_text(yaml.safe_dump(head.cluster_config(cluster_name)))
-    log = lambda: (head.root / "client.log").read_text(errors="replace")[-6000:]  # noqa: E731
+
+    def log() -> str:
+        return (head.root / "client.log").read_text(errors="replace")[-6000:]
 
     assert ray_cli(head, "up", str(config), "-y", timeout=600) == 0, log()
     assert (head.home / ".ray" / "auth_token").read_text() == token.read_text()
