@@ -54,7 +54,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         config_path = find_config(args.config)
         given = load_config(config_path, args.overrides, check_paths=False)
         # The head's MLflow server, unless the config or a --set names a store.
-        overrides = [] if names_tracking_uri(config_path, args.overrides) else [f"mlflow.tracking_uri={args.tracking_uri}"]
+        overrides = [] if names_tracking_uri(config_path, args.overrides) else [
+            f"mlflow.tracking_uri={args.tracking_uri}"
+        ]
         overrides += args.overrides
         if given.swarm.mode == "local":  # a managed swarm: on a cluster, its servers are Ray actors
             overrides.append("swarm.mode=ray")

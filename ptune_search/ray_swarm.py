@@ -66,7 +66,8 @@ class SwarmProcess:
         from ptune_search.pretrained import resolve_model
 
         model_path = resolve_model(model)  # an alias is prepared on this node; a folder must exist here
-        args = ["serve", "--model", str(model_path), "--blocks", f"{blocks[0]}:{blocks[1]}", "--initial-peers", *initial_peers]
+        args = ["serve", "--model", str(model_path), "--blocks", f"{blocks[0]}:{blocks[1]}"]
+        args += ["--initial-peers", *initial_peers]
         args += ["--dht-prefix", dht_prefix, "--host", self.node_ip, "--info-file", str(self.info_path)]
         args += ["--compute-lock", str(self.node_dir / "cores")]  # servers of one node share its cores
         self._spawn(args)

@@ -98,7 +98,7 @@ class LoopbackHead:
     def _make_session(self) -> None:
         ray = self.bin / "ray"
         ray.write_text(
-            "#!/bin/sh\n# This head's `ray stop` stops only its own Ray (the real one stops every Ray on the machine).\n"
+            "#!/bin/sh\n# This head's `ray stop` stops only its own Ray (the real one stops every Ray here).\n"
             f'if [ "$1" = stop ]; then exec {sys.executable} {STOP_OWN_RAY} {self.ray_dir}/; fi\n'
             f'exec {self.venv}/bin/python -m ray.scripts.scripts "$@"\n'
         )
@@ -141,7 +141,9 @@ class LoopbackHead:
         config = yaml.safe_load(CLUSTER_YAML.read_text())
         config["cluster_name"] = cluster_name
         config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
-        config["auth"] = {"ssh_user": self.user, "ssh_private_key": str(self.key), "ssh_proxy_command": self.proxy_command}
+        config["auth"] = {
+            "ssh_user": self.user, "ssh_private_key": str(self.key), "ssh_proxy_command": self.proxy_command
+        }
         ray_ports = (
             f"--port={self.gcs_port} --node-ip-address=127.0.0.1 --dashboard-port={self.dashboard_port} "
             f"--dashboard-agent-listen-port={self.agent_port} --ray-client-server-port={self.client_port}"

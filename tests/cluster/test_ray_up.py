@@ -41,7 +41,8 @@ def ray_cli(head: LoopbackHead, *args: str, timeout: float) -> int:
     """The `ray` command on the user's side, with its own home (the token ray_cluster.yaml mounts) and temp dirs."""
     client = head.root / "client"
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update(HOME=str(client), TMPDIR=str(client / "tmp"), RAY_TMPDIR=str(client / "tmp"), RAY_USAGE_STATS_ENABLED="0")
+    env.update(HOME=str(client), TMPDIR=str(client / "tmp"), RAY_TMPDIR=str(client / "tmp"))
+    env.update(RAY_USAGE_STATS_ENABLED="0")
     return run_supervised([sys.executable, "-m", "ray.scripts.scripts", *args], head.root / "client.log",
                           env=env, cwd=REPO, timeout=timeout)
 
