@@ -142,7 +142,7 @@ def emit(record: dict) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="model alias or checkpoint folder")
-    parser.add_argument("--steps", type=int, default=5, help="measured steps per setting (after 1 warm-up)")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per setting (after 1 warm-up)")
     parser.add_argument("--modes", nargs="+", default=["ptune", "deep_ptune"])
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 2, 4], help="concurrent client counts")
     parser.add_argument("--throughput-mode", default="ptune")

@@ -148,8 +148,8 @@ class ChainPasses:
             timeout=self.settings.request_timeout,
             stream_threshold=self.settings.stream_threshold,
         )
-        expected = 1 if method == "forward" or prompts is None else 2
-        if len(outputs) != expected or outputs[0].shape != tensors[0].shape:
+        expected_shapes = [tensors[0].shape] + ([tensors[-1].shape] if method == "backward" and prompts is not None else [])
+        if [output.shape for output in outputs] != expected_shapes:
             raise ConnectionError(f"server {span} sent a malformed {method} response")
         outputs[0] = outputs[0].to(dtype)
         return outputs, response

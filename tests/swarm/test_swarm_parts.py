@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import threading
 import time
 
@@ -194,53 +196,65 @@ def test_router_prefers_long_spans_avoids_banned_servers_and_retries_them_when_n
     assert asyncio.run(router.choose_span(2, 3)).peer_id in {whole, second}  # all banned: try them anyway
 
 
-def test_host_cores_go_all_to_a_lone_task_and_one_each_to_tasks_at_the_same_time(tmp_path):
-    first, second = HostCores(tmp_path / "cores", cores=2), HostCores(tmp_path / "cores", cores=2)
-    entered, leave = threading.Event(), threading.Event()
-    second_held = []
+def hold_in_thread(cores: HostCores, held: list[int], release: threading.Event) -> threading.Thread:
+    def task():
+        with cores.hold() as count:
+            held.append(count)
+            release.wait(10)
 
-    def second_task():
-        with second.hold() as held:
-            second_held.append(held)
-            entered.set()
-            leave.wait(5)
+    thread = threading.Thread(target=task)
+    thread.start()
+    return thread
 
+
+def test_host_cores_go_all_to_a_lone_task_and_one_each_to_tasks_waiting_together(tmp_path):
+    first, second, third = (HostCores(tmp_path / "cores", cores=2) for _ in range(3))
+    release = threading.Event()
+    second_held, third_held = [], []
     try:
         with first.hold() as held:
             assert held == 2
-            thread = threading.Thread(target=second_task)
-            thread.start()
-            assert not entered.wait(0.3)  # every core is in use: the second waits for one
-        assert entered.wait(5) and second_held == [1]
-        with first.hold() as held:  # one core is still free
-            assert held == 1
-        leave.set()
-        thread.join()
+            threads = [hold_in_thread(second, second_held, release)]
+            time.sleep(0.2)
+            threads.append(hold_in_thread(third, third_held, release))
+            time.sleep(0.2)
+            assert second_held == third_held == []  # every core is in use: both wait
+        deadline = time.monotonic() + 5
+        while len(second_held + third_held) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert second_held == [1] and third_held == [1]  # side by side, a core each
+        release.set()
+        for thread in threads:
+            thread.join()
+        lone = hold_in_thread(second, second_held, release)
+        lone.join()
+        assert second_held[-1] == 2  # nobody else wants cores: all of them
     finally:
-        leave.set()
-        first.close()
-        second.close()
+        release.set()
+        for cores in (first, second, third):
+            cores.close()
 
 
 def test_fair_queue_sets_the_threads_to_the_cores_each_task_holds(tmp_path):
     threads_used: list[int] = []
-    cores, other = HostCores(tmp_path / "cores", cores=2), HostCores(tmp_path / "cores", cores=2)
+    cores = HostCores(tmp_path / "cores", cores=2)
     queue = FairQueue(cores=cores, set_threads=threads_used.append, threads=2)
     queue.start()
+    busy_core = os.open(tmp_path / "cores.0", os.O_RDWR)
 
     async def scenario():
         await queue.run("a", lambda: None)
-        with other.hold():  # another server computes on both cores: the next task waits for one
-            waiting = asyncio.ensure_future(queue.run("b", lambda: None))
-            await asyncio.sleep(0.2)
-            assert not waiting.done()
-        await waiting
+        fcntl.flock(busy_core, fcntl.LOCK_EX)  # another server computes on one core
+        try:
+            await queue.run("b", lambda: None)
+        finally:
+            fcntl.flock(busy_core, fcntl.LOCK_UN)
 
     try:
         asyncio.run(scenario())
     finally:
         queue.close()
         cores.close()
-        other.close()
-    assert threads_used == [2, 1]  # the worker's start, then b's task on the one core it waited for
+        os.close(busy_core)
+    assert threads_used == [2, 1]  # the worker's start, then b's task on the one free core
     assert queue.stats["shared_core_tasks"] == 1
