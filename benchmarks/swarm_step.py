@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 BATCH, LENGTH, PRE_SEQ_LEN, NUM_LABELS = 8, 64, 16, 5
+WARMUP_PAIRS = 2
 
 
 def make_batch(seed: int, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -83,10 +84,10 @@ def compare_step(path: Path, mode: str, peers: list[str], steps: int) -> dict:
     trainings = {"local": TimedTraining(local, batch), "swarm": TimedTraining(remote, batch)}
     times: dict[str, list[float]] = {"local": [], "swarm": []}
     load_before = os.getloadavg()[0]
-    for index in range(steps + 1):  # the first pair warms up
+    for index in range(WARMUP_PAIRS + steps):
         for name, training in trainings.items():
             elapsed = training.step()
-            if index:
+            if index >= WARMUP_PAIRS:
                 times[name].append(elapsed)
     stats = dict(remote.model.layers.passes.stats)
     remote.model.layers.close()
@@ -96,6 +97,7 @@ def compare_step(path: Path, mode: str, peers: list[str], steps: int) -> dict:
             "local_median_s": round(local_median, 3), "swarm_median_s": round(swarm_median, 3),
             "ratio": round(swarm_median / local_median, 3),
             "paired_ratio_median": round(statistics.median(s / l for s, l in zip(times["swarm"], times["local"])), 3),
+            "local_s": [round(t, 3) for t in times["local"]], "swarm_s": [round(t, 3) for t in times["swarm"]],
             "swarm_recomputes": stats["server_recomputes"], "failed_calls": stats["failed_calls"],
             "torch_threads": torch.get_num_threads(), "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
@@ -142,7 +144,7 @@ def emit(record: dict) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="model alias or checkpoint folder")
-    parser.add_argument("--steps", type=int, default=8, help="measured steps per setting (after 1 warm-up)")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per setting (after 2 warm-up steps)")
     parser.add_argument("--modes", nargs="+", default=["ptune", "deep_ptune"])
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 2, 4], help="concurrent client counts")
     parser.add_argument("--throughput-mode", default="ptune")
@@ -170,6 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                     args.client_threads)
                 rates[clients].append(record["tokens_per_s"])
                 emit(record)
+        if not rates:
+            return
         medians = {clients: statistics.median(values) for clients, values in rates.items()}
         summary = {"benchmark": "swarm_throughput_summary", "mode": args.throughput_mode, "rounds": args.rounds,
                    "median_tokens_per_s": {str(clients): round(rate, 1) for clients, rate in medians.items()}}
