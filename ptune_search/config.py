@@ -96,6 +96,11 @@ class SwarmConfig(_Section):
     servers: PositiveInt = 2  # local and ray only
     replicas: PositiveInt = 1  # local and ray only
     initial_peers: list[StrictStr] = Field(default_factory=list)  # external only
+    # A trial's client: how long one server may take to answer before the request goes to another replica,
+    # and how long a block may have no online server (one died, its replacement is starting) before the
+    # trial fails, to be retried from its checkpoint (budget.max_failures times).
+    request_timeout: Annotated[float, Field(gt=0)] = 30.0
+    block_wait_timeout: Annotated[float, Field(gt=0)] = 30.0
 
     @field_validator("initial_peers")
     @classmethod
@@ -177,6 +182,7 @@ class Budget(_Section):
     eval_every: PositiveInt = 10
     batch_size: PositiveInt = 8
     max_concurrent_trials: PositiveInt = 2
+    max_failures: Annotated[StrictInt, Field(ge=0)] = 2  # restarts of a failed trial from its last checkpoint
 
     @model_validator(mode="after")
     def _eval_within_training(self) -> Budget:

@@ -140,7 +140,7 @@ def check_swarm_reachable(initial_peers: list[str]) -> None:
 
 
 def _trial_settings(config: ExperimentConfig, model_path: str, initial_peers: list[str]) -> TrialSettings:
-    task = config.task
+    task, swarm = config.task, config.swarm
     return TrialSettings(
         model_path=model_path,
         task=TaskSpec(task.name, task.text_column, task.label_column),
@@ -152,6 +152,7 @@ def _trial_settings(config: ExperimentConfig, model_path: str, initial_peers: li
         batch_size=config.budget.batch_size,
         seed=config.seed,
         initial_peers=initial_peers,
+        swarm_timeouts={"request_timeout": swarm.request_timeout, "block_wait_timeout": swarm.block_wait_timeout},
     )
 
 
@@ -196,7 +197,9 @@ def _fit(config: ExperimentConfig, settings: TrialSettings, tracker: SearchTrack
             num_samples=config.budget.num_samples,
             max_concurrent_trials=config.budget.max_concurrent_trials,
         ),
-        run_config=_run_config(SEARCH_NAME, storage_path, MlflowTrialCallback(tracker, _static_params(config))),
+        run_config=_run_config(
+            SEARCH_NAME, storage_path, MlflowTrialCallback(tracker, _static_params(config)), config.budget.max_failures
+        ),
     )
     return tuner.fit()
 
@@ -216,7 +219,10 @@ def _run_baseline(
             param_space={"tuning_mode": None, "pre_seq_len": 0, "lr": lr},
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=1),
             run_config=_run_config(
-                BASELINE_NAME, storage_path, MlflowTrialCallback(tracker, _static_params(config), role="baseline")
+                BASELINE_NAME,
+                storage_path,
+                MlflowTrialCallback(tracker, _static_params(config), role="baseline"),
+                config.budget.max_failures,
             ),
         )
     return tuner.fit().get_best_result(METRIC, MODE, scope="last").metrics[METRIC]
@@ -227,13 +233,13 @@ def _trainable(config: ExperimentConfig, settings: TrialSettings) -> Any:
     return tune.with_resources(trainable, {"cpu": config.resources.cpu})
 
 
-def _run_config(name: str, storage_path: str, callback: MlflowTrialCallback) -> tune.RunConfig:
+def _run_config(name: str, storage_path: str, callback: MlflowTrialCallback, max_failures: int) -> tune.RunConfig:
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
         callbacks=[callback],
         checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True),
-        failure_config=tune.FailureConfig(max_failures=2),
+        failure_config=tune.FailureConfig(max_failures=max_failures),
         progress_reporter=tune.CLIReporter(
             parameter_columns=["tuning_mode", "pre_seq_len", "lr"],
             metric_columns=["step", "train_loss", "val_loss", "val_accuracy", "tokens_per_s"],

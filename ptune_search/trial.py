@@ -44,18 +44,28 @@ class TrialSettings:
     batch_size: int
     seed: int
     initial_peers: Optional[list[str]] = None  # None: blocks in the trial's own process (tests, baselines)
+    swarm_timeouts: Optional[dict[str, float]] = None  # client settings (request_timeout, block_wait_timeout)
 
 
 def build_classifier(
-    model_path: str, num_labels: int, pad_token_id: int, ptune: PTuneConfig, initial_peers: Optional[list[str]]
+    model_path: str,
+    num_labels: int,
+    pad_token_id: int,
+    ptune: PTuneConfig,
+    initial_peers: Optional[list[str]],
+    swarm_timeouts: Optional[dict[str, float]] = None,
 ) -> DistributedLlamaForSequenceClassification:
+    """``swarm_timeouts`` (e.g. ``{"request_timeout": 10}``) override the swarm client's defaults."""
     config = AutoConfig.from_pretrained(model_path)
     config.num_labels = num_labels
     config.pad_token_id = pad_token_id
     config.tuning_mode = ptune.tuning_mode
     config.pre_seq_len = ptune.pre_seq_len
-    placement: dict[str, Any] = {"initial_peers": initial_peers} if initial_peers else {"local_blocks": True}
-    return DistributedLlamaForSequenceClassification.from_pretrained(model_path, config=config, **placement)
+    if not initial_peers:
+        return DistributedLlamaForSequenceClassification.from_pretrained(model_path, config=config, local_blocks=True)
+    return DistributedLlamaForSequenceClassification.from_pretrained(
+        model_path, config=config, initial_peers=initial_peers, **(swarm_timeouts or {})
+    )
 
 
 def ptune_config_of(searched: dict[str, Any]) -> PTuneConfig:
@@ -77,7 +87,12 @@ class PromptTuningTrial(tune.Trainable):
             settings.task, tokenizer, settings.max_length, settings.train_size, settings.validation_size, settings.seed
         )
         self.model = build_classifier(
-            settings.model_path, self.task.num_labels, tokenizer.pad_token_id, self.ptune, settings.initial_peers
+            settings.model_path,
+            self.task.num_labels,
+            tokenizer.pad_token_id,
+            self.ptune,
+            settings.initial_peers,
+            settings.swarm_timeouts,
         )
         self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=config["lr"])
         self.steps_done = 0

@@ -2,7 +2,10 @@
 
 Forward walks the blocks from ``start`` to ``end``: each hop asks the router for a span starting at the
 current block, sends the hidden states (and that span's deep prompts), and records a :class:`Hop`. A failed
-hop bans its server and is retried from the same block on another route, after a backoff.
+hop bans its server and is retried from the same block on another route, after a backoff. When every known
+server of that block is banned, the router re-reads the DHT first: a server that died is gone once its
+records expire, and the router then waits for a replacement (``block_wait_timeout``) or raises
+:class:`~ptune_search.swarm.routing.MissingBlockError` naming the block.
 
 Backward walks the hops in reverse; each server finds the forward graph it kept for the hop's request id.
 If a server fails, the hop's blocks are run forward again elsewhere from the hop's saved input (new hops,
@@ -155,7 +158,8 @@ class ChainPasses:
         return outputs, response
 
     async def _on_failure(self, method: str, span: RemoteSpan, failures: int, error: Exception) -> int:
-        """Ban the server, raise if the retries are spent or the request itself is bad, else back off."""
+        """Ban the server, raise if the retries are spent or the request itself is bad, else back off (and
+        re-read the DHT if every server of the block is banned)."""
         if isinstance(error, RequestRefused) and error.kind == ErrorKind.BAD_REQUEST:
             raise RequestRefused(error.kind, f"server {span.peer_id} refused the {method} for blocks "
                                              f"{span.start}:{span.end}: {error.message}") from None
@@ -164,10 +168,13 @@ class ChainPasses:
         self.router.ban(span.peer_id)
         if failures > self.settings.max_retries:
             raise SwarmRequestError(
-                f"{method} through blocks {span.start}:{span.end} failed {failures} times in a row; "
+                f"no server could run block {self.router.uids[span.start]}: {method} through blocks "
+                f"{span.start}:{span.end} failed {failures} times in a row; "
                 f"last error from server {span.peer_id}: {type(error).__name__}: {error}"
             ) from error
         delay = 0.0 if failures == 1 else min(self.settings.backoff_base * 2 ** (failures - 2), self.settings.backoff_max)
         logger.warning(f"{method} via {span} failed ({type(error).__name__}: {error}); retrying in {delay:.1f}s")
         await asyncio.sleep(delay)
+        if all(self.router.is_banned(peer) for peer in self.router.servers_for(span.start)):
+            await self.router.refresh()  # the failed servers may have died: their records expire
         return failures

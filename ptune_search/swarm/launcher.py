@@ -105,6 +105,7 @@ def run_block_server(
     refresh_period: Optional[float] = None,
     max_tokens: Optional[int] = None,
     max_payload_bytes: Optional[int] = None,
+    receive_timeout: Optional[float] = None,
     cache_bytes: Optional[int] = None,
     host: str = "127.0.0.1",
     port: int = 0,
@@ -130,6 +131,7 @@ def run_block_server(
         limits,
         max_tokens=max_tokens or limits.max_tokens,
         max_payload_bytes=max_payload_bytes or limits.max_payload_bytes,
+        receive_timeout=receive_timeout or limits.receive_timeout,
     )
     settings = ServerSettings(
         dht_prefix=dht_prefix,
@@ -190,6 +192,13 @@ class ChildProcess:
             return json.loads(self.info_path.read_text())["peer_id"]
         return None
 
+    @property
+    def maddrs(self) -> list[str]:
+        """The server's multiaddrs once it is online (empty before, or for the bootstrap peer)."""
+        with contextlib.suppress(OSError, ValueError):
+            return list(json.loads(self.info_path.read_text())["maddrs"])
+        return []
+
     def log_tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -198,6 +207,9 @@ class ChildProcess:
 
 class LocalSwarm:
     """A bootstrap peer plus ``servers`` block servers on 127.0.0.1, each block served by ``replicas`` of them.
+
+    Once started, :attr:`initial_peers` lists the bootstrap peer and every server: all are DHT peers, so
+    clients and new servers join through any of them that is alive, also after the bootstrap peer died.
 
     With ``servers=0`` only the bootstrap peer starts; add servers with :meth:`start_server`. The blocks are split into ``servers // replicas`` spans and each span is served by ``replicas`` servers,
     so ``servers`` must be a multiple of ``replicas``. ``server_args`` are extra ``swarm serve`` options
@@ -241,6 +253,7 @@ class LocalSwarm:
         self.bootstrap: Optional[ChildProcess] = None
         self.servers: list[ChildProcess] = []
         self.initial_peers: list[str] = []
+        self.bootstrap_maddrs: list[str] = []
         self._logs: list[IO] = []
         self._interrupt: Optional[threading.Event] = None
 
@@ -269,9 +282,11 @@ class LocalSwarm:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the bootstrap peer did not start within {timeout}s")
                 time.sleep(0.1)
-            self.initial_peers = read_peers_file(peers_file)
+            self.bootstrap_maddrs = read_peers_file(peers_file)
+            self.initial_peers = list(self.bootstrap_maddrs)
             if self.spans:
                 self.wait_until_online(self.replicas, timeout=max(1.0, deadline - time.monotonic()))
+                self.initial_peers = self.peer_maddrs()
         except BaseException:
             self.stop()
             raise
@@ -333,6 +348,12 @@ class LocalSwarm:
                     missing = [uid for uid, count in zip(uids, online) if count < replicas]
                     raise TimeoutError(f"blocks {missing} are not online after {timeout}s; logs in {self.log_dir}")
                 time.sleep(0.25)
+
+    def peer_maddrs(self) -> list[str]:
+        """Multiaddrs of the bootstrap peer and of every server that is online, in that order."""
+        bootstrap = self.bootstrap_maddrs if self.bootstrap is not None and self.bootstrap.alive() else []
+        servers = [maddr for child in self.servers if child.alive() for maddr in child.maddrs]
+        return [*bootstrap, *servers]
 
     def _check_alive(self) -> None:
         if self._interrupt is not None and self._interrupt.is_set():
@@ -417,7 +438,8 @@ def run_local_swarm(
 ) -> None:
     """Run a :class:`LocalSwarm`; write ``peers_file`` once every block is online; stop all on SIGINT/SIGTERM.
 
-    Also stops (with an error) if any of its processes dies.
+    ``peers_file`` lists the bootstrap peer and every server, so that clients can still join once the
+    bootstrap peer is gone: its death is logged, and the swarm goes on. Stops (with an error) if a server dies.
     """
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -434,6 +456,10 @@ def run_local_swarm(
         logger.info(f"swarm ready: {len(swarm.servers)} servers, peers in {peers_file}, logs in {swarm.log_dir}")
         while not stop.wait(0.5):
             dead = swarm.dead_children()
+            if swarm.bootstrap in dead:
+                logger.warning(f"the bootstrap peer exited; clients join through the servers in {peers_file}")
+                swarm.bootstrap.expected_exit = True  # the swarm goes on without it
+                dead.remove(swarm.bootstrap)
             if dead:
                 raise RuntimeError(f"{dead[0].name} exited unexpectedly; log {dead[0].log_path}:\n{dead[0].log_tail()}")
     finally:
