@@ -212,6 +212,9 @@ class MLflowConfig(_Section):
 
     tracking_uri: Optional[Name] = None  # None: sqlite:///<output_dir>/mlflow.db
     experiment_name: Name = "ptune-search"
+    # How long the end of a search waits for an unreachable store to take the records still in its outbox;
+    # after that the search exits non-zero and keeps them for `--resume`.
+    flush_timeout_s: Annotated[float, Field(gt=0)] = 300
 
 
 class ExperimentConfig(_Section):

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -22,6 +23,8 @@ from ptune_search.data import TaskSpec
 from ptune_search.pretrained import resolve_model
 from ptune_search.search_report import best_finished_trial, trial_rows, write_search_report
 from ptune_search.tracking import MlflowTrialCallback, SearchTracker
+from ptune_search.tracking_outbox import TrackingOutbox
+from ptune_search.tracking_replay import OutboxSender, StoreUnreachable
 from ptune_search.trial import PromptTuningTrial, TrialSettings
 
 logger = logging.getLogger(__name__)
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 METRIC, MODE = "val_accuracy", "max"
 SEARCH_NAME, BASELINE_NAME = "search", "baseline"
 TUNE_TRIAL_ID_ATTR = "tune_trial_id"
+OUTBOX_DIR = "mlflow_outbox"  # in output_dir: MLflow records the store has not taken yet
+ABORT_FLUSH_TIMEOUT_S = 30.0  # an interrupted search waits at most this long for the store before it exits
 
 
 class SearchSpaceSampler:
@@ -115,21 +120,47 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
         config_file.write_text(config.to_yaml())
     # A sqlite store keeps artifacts beside it; a tracking server (http) stores them itself (artifact proxying).
     artifact_root = output_dir / "mlartifacts" if config.tracking_uri.startswith("sqlite:") else None
+    # MLflow's own HTTP retries would hold a write for minutes; the outbox sender retries with its own backoff.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     tracker = SearchTracker(config.tracking_uri, config.mlflow.experiment_name, output_dir, artifact_root)
-    with _ray(address), _swarm(config, model_path) as initial_peers:
-        settings = _trial_settings(config, model_path, initial_peers)
-        tracker.start_parent(output_dir.name, _flatten(config.to_dict()), config_file)
+    outbox = TrackingOutbox.open(output_dir / OUTBOX_DIR)
+    with OutboxSender(outbox, tracker) as sender:
+        _deliver(sender, config)  # records an interrupted run of this search left behind go first
         try:
-            rows = trial_rows(_fit(config, settings, tracker, resume), METRIC)
-            best = best_finished_trial(rows, METRIC)
-            baseline = _run_baseline(config, settings, tracker, best["lr"], resume) if config.baseline else None
+            with _ray(address), _swarm(config, model_path) as initial_peers:
+                settings = _trial_settings(config, model_path, initial_peers)
+                parent_run_id = tracker.start_parent(output_dir.name, _flatten(config.to_dict()), config_file)
+                callback = MlflowTrialCallback(outbox, parent_run_id, _static_params(config))
+                rows = trial_rows(_fit(config, settings, callback, resume), METRIC)
+                best = best_finished_trial(rows, METRIC)
+                baseline = None
+                if config.baseline:
+                    callback = MlflowTrialCallback(outbox, parent_run_id, _static_params(config), role="baseline")
+                    baseline = _run_baseline(config, settings, callback, best["lr"], resume)
         except BaseException:
-            tracker.abort()
+            outbox.append("abort", {})
+            if not sender.flush(min(ABORT_FLUSH_TIMEOUT_S, config.mlflow.flush_timeout_s)):
+                logger.warning("MLflow at %s did not take %d records; they are kept in %s for --resume",
+                               config.tracking_uri, outbox.waiting(), outbox.directory)
             raise
         study = optuna.load_study(study_name=SEARCH_NAME, storage=_optuna_storage(output_dir))
         report = write_search_report(output_dir, rows, best, study, baseline, METRIC)
-        tracker.finish_parent(tracker.child_run_id(best["trial_id"]), report.summary, report.files)
-    return SearchOutcome(best, baseline, rows, tracker.parent_run_id)
+        summary = {key: [value, int(time.time() * 1000)] for key, value in report.summary.items()}
+        finish = {"parent_run_id": parent_run_id, "best_trial_id": best["trial_id"], "summary": summary}
+        outbox.append("finish_parent", finish, report.files)
+        _deliver(sender, config)
+    return SearchOutcome(best, baseline, rows, parent_run_id)
+
+
+def _deliver(sender: OutboxSender, config: ExperimentConfig) -> None:
+    """Wait for the store to take the outbox; if it stays down, stop, keeping the outbox for ``--resume``."""
+    if not sender.flush(config.mlflow.flush_timeout_s):
+        raise StoreUnreachable(
+            f"MLflow at {config.tracking_uri} did not answer for {config.mlflow.flush_timeout_s:.0f} s; the "
+            f"{sender.outbox.waiting()} records it has not taken are kept in the outbox {sender.outbox.directory}; "
+            "`ptune-search search CONFIG --resume` sends them"
+        )
 
 
 def check_swarm_reachable(initial_peers: list[str]) -> None:
@@ -161,14 +192,14 @@ def _optuna_storage(output_dir: Path) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(f"sqlite:///{output_dir / 'optuna.db'}")
 
 
-def _fit(config: ExperimentConfig, settings: TrialSettings, tracker: SearchTracker, resume: bool) -> tune.ResultGrid:
+def _fit(config: ExperimentConfig, settings: TrialSettings, callback: MlflowTrialCallback, resume: bool) -> tune.ResultGrid:
     storage_path = str(config.output_dir / "ray")
     trainable = _trainable(config, settings)
     run_path = Path(storage_path) / SEARCH_NAME
     if resume and tune.Tuner.can_restore(str(run_path)):
         logger.info("resuming the search stored in %s", run_path)
         tuner = tune.Tuner.restore(str(run_path), trainable, resume_errored=True)
-        # The run config (with the MLflow callback, which pickles without its client) comes back with the run.
+        # The run config comes back with the run; its MLflow callback reattaches to this driver's open outbox.
         return tuner.fit()
     space = config.search_space
     searcher = TruthfulOptunaSearch(
@@ -198,14 +229,14 @@ def _fit(config: ExperimentConfig, settings: TrialSettings, tracker: SearchTrack
             max_concurrent_trials=config.budget.max_concurrent_trials,
         ),
         run_config=_run_config(
-            SEARCH_NAME, storage_path, MlflowTrialCallback(tracker, _static_params(config)), config.budget.max_failures
+            SEARCH_NAME, storage_path, callback, config.budget.max_failures
         ),
     )
     return tuner.fit()
 
 
 def _run_baseline(
-    config: ExperimentConfig, settings: TrialSettings, tracker: SearchTracker, lr: float, resume: bool
+    config: ExperimentConfig, settings: TrialSettings, callback: MlflowTrialCallback, lr: float, resume: bool
 ) -> float:
     """Head only, no prompts, the same step budget and the best trial's learning rate."""
     storage_path = str(config.output_dir / "ray")
@@ -221,7 +252,7 @@ def _run_baseline(
             run_config=_run_config(
                 BASELINE_NAME,
                 storage_path,
-                MlflowTrialCallback(tracker, _static_params(config), role="baseline"),
+                callback,
                 config.budget.max_failures,
             ),
         )
