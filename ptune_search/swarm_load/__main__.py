@@ -1,0 +1,11 @@
+"""``python -m ptune_search.swarm_load SPECS.json``: fork the load clients (see :mod:`.forked_clients`)."""
+
+import os
+import sys
+
+from ptune_search.swarm_load.forked_clients import main
+
+code = main(sys.argv[1])
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)  # the launcher holds nothing to clean up; a normal exit with torch and hivemind loaded takes seconds

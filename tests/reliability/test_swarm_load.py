@@ -1,0 +1,109 @@
+"""Load (issue 7, item 3): 8 prompt-tuning clients train at once against a 2-server loopback swarm.
+
+The shape of ``benchmarks/swarm_load.py`` (which runs it for 10 minutes), here for 45 s: 8 client
+processes, 4 ``ptune`` and 4 ``deep_ptune``, on a generated Llama of 8 blocks of hidden 128 split over two
+servers. One load run is shared by the tests below, each checking one property of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from typing import Iterator
+
+import psutil
+import pytest
+
+from ptune_search.swarm_load import LoadReport, LoadShape, make_load_model, run_load
+from tests.swarm.swarm_testing import SwarmRegistry
+
+CLIENTS = 8
+DURATION_S = 45.0
+FAIRNESS_BOUND = 2.0  # max/min of per-client tokens/s; the servers' FairQueue serves clients round-robin
+RSS_GROWTH_BOUND_MIB = 64.0  # per server process and per p2p daemon, from after the warm-up to the end
+
+pytestmark = pytest.mark.slow
+
+
+def processes_in_groups(groups: set[int]) -> list[str]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) in groups and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{process.pid}: {' '.join(process.cmdline())[:120]}")
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def load(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LoadReport, list[str]]]:
+    """The report of one load run, and the processes of its clients that survived it (to be none)."""
+    folder = tmp_path_factory.mktemp("swarm-load")
+    model = make_load_model(folder)
+    registry = SwarmRegistry()
+    try:
+        swarm = registry.start(model, 2, log_dir=folder / "swarm")
+        report = run_load(model, swarm, LoadShape(clients=CLIENTS, duration_s=DURATION_S), work_dir=folder / "clients")
+        survivors = processes_in_groups({report.client_session})
+        for line in survivors:  # never leave them running, even when the test fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        yield report, survivors
+    finally:
+        registry.stop_all()
+
+
+def test_no_swarm_call_fails_and_no_client_raises(load):
+    report, _ = load
+    summary = report.summary()
+    assert summary["failed_calls"] == 0, summary
+    assert summary["client_exceptions"] == 0, [client.errors for client in report.clients if client.errors]
+
+
+def test_every_client_makes_progress(load):
+    report, _ = load
+    assert len(report.clients) == CLIENTS
+    assert all(client.steps > 0 for client in report.clients), report.client_records()
+    assert {client.tuning_mode for client in report.clients} == {"ptune", "deep_ptune"}
+
+
+def test_clients_share_the_servers_fairly(load):
+    report, _ = load
+    assert report.fairness <= FAIRNESS_BOUND, report.client_records()
+
+
+def test_server_memory_stays_flat(load):
+    report, _ = load
+    growth = report.server_growth_mib()
+    assert sum(not name.endswith("/p2pd") for name in growth) == 2, growth
+    assert all(len(trace.samples) >= DURATION_S / 2 for trace in report.memory), "RSS was not sampled over the load"
+    assert max(growth.values()) < RSS_GROWTH_BOUND_MIB, report.server_records()
+
+
+def test_servers_keep_no_activations_after_the_load(load):
+    """Every kept forward graph was consumed by its backward: the activation cache ends empty."""
+    report, _ = load
+    caches = {record["server"]: record["cache_at_end"] for record in report.server_records()}
+    assert len(caches) == 2 and all(cache["bytes"] == 0 for cache in caches.values()), caches
+
+
+def test_no_client_process_outlives_the_load(load):
+    _, survivors = load
+    assert not survivors
+
+
+def test_a_failing_client_is_counted_and_reported(tmp_path):
+    """Clients fail loudly: an exception in a client reaches the report with its message, and nothing survives."""
+    registry = SwarmRegistry()
+    try:
+        swarm = registry.start(make_load_model(tmp_path), 0)  # a bootstrap peer only
+        missing = tmp_path / "no-such-model"
+        report = run_load(missing, swarm, LoadShape(clients=2, duration_s=1.0), work_dir=tmp_path / "clients")
+    finally:
+        registry.stop_all()
+    assert report.client_exceptions == 2 and report.summary()["clients_without_progress"] == 2
+    assert all("no-such-model" in client.errors[0] for client in report.clients), [c.errors for c in report.clients]
+    assert report.fairness == float("inf")
+    assert not processes_in_groups({report.client_session})
