@@ -11,6 +11,8 @@ Example::
 
 from ptune_search.swarm_load.client import ClientResult
 from ptune_search.swarm_load.memory import MemoryTrace
-from ptune_search.swarm_load.runner import LoadReport, LoadShape, make_load_model, run_load
+from ptune_search.swarm_load.report import LoadReport
+from ptune_search.swarm_load.runner import run_load
+from ptune_search.swarm_load.shape import LoadShape, make_load_model
 
 __all__ = ["ClientResult", "LoadReport", "LoadShape", "MemoryTrace", "make_load_model", "run_load"]

@@ -1,9 +1,9 @@
-"""``python -m ptune_search.swarm_load SPECS.json``: fork the load clients (see :mod:`.forked_clients`)."""
+"""``python -m ptune_search.swarm_load SPECS.json``: fork the load clients (see :mod:`.launcher`)."""
 
 import os
 import sys
 
-from ptune_search.swarm_load.forked_clients import main
+from ptune_search.swarm_load.launcher import main
 
 code = main(sys.argv[1])
 sys.stdout.flush()

@@ -1,6 +1,6 @@
 """One load client: a process that trains prompts through the swarm until a deadline and reports what it did.
 
-Forked by :mod:`ptune_search.swarm_load.forked_clients`, :func:`run_client` builds a sequence classifier whose
+Forked by :mod:`ptune_search.swarm_load.launcher`, :func:`run_client` builds a sequence classifier whose
 blocks run on the swarm, takes the warm-up steps, writes ``ready_path``, waits for ``go_path`` to hold the
 deadline (epoch seconds), trains on one fixed batch until then, and writes a :class:`ClientResult` as JSON to
 ``result_path``, also when it fails. Every exception is counted, kept in the result and printed with its

@@ -8,6 +8,7 @@ servers. One load run is shared by the tests below, each checking one property o
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 from typing import Iterator
@@ -46,6 +47,7 @@ def load(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LoadReport,
     try:
         swarm = registry.start(model, 2, log_dir=folder / "swarm")
         report = run_load(model, swarm, LoadShape(clients=CLIENTS, duration_s=DURATION_S), work_dir=folder / "clients")
+        print(json.dumps(report.summary()))  # the measured figures, for the log (pytest -s)
         survivors = processes_in_groups({report.client_session})
         for line in survivors:  # never leave them running, even when the test fails
             with contextlib.suppress(ProcessLookupError):
