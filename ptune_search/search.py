@@ -122,11 +122,11 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
     artifact_root = output_dir / "mlartifacts" if config.tracking_uri.startswith("sqlite:") else None
     # MLflow's own HTTP retries would hold a write for minutes; the outbox sender retries with its own backoff.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     tracker = SearchTracker(config.tracking_uri, config.mlflow.experiment_name, output_dir, artifact_root)
     outbox = TrackingOutbox.open(output_dir / OUTBOX_DIR)
     with OutboxSender(outbox, tracker) as sender:
-        _deliver(sender, config)  # records an interrupted run of this search left behind go first
+        deliver_outbox(sender, config)  # records an interrupted run of this search left behind go first
         try:
             with _ray(address), _swarm(config, model_path) as initial_peers:
                 settings = _trial_settings(config, model_path, initial_peers)
@@ -149,11 +149,11 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
         summary = {key: [value, int(time.time() * 1000)] for key, value in report.summary.items()}
         finish = {"parent_run_id": parent_run_id, "best_trial_id": best["trial_id"], "summary": summary}
         outbox.append("finish_parent", finish, report.files)
-        _deliver(sender, config)
+        deliver_outbox(sender, config)
     return SearchOutcome(best, baseline, rows, parent_run_id)
 
 
-def _deliver(sender: OutboxSender, config: ExperimentConfig) -> None:
+def deliver_outbox(sender: OutboxSender, config: ExperimentConfig) -> None:
     """Wait for the store to take the outbox; if it stays down, stop, keeping the outbox for ``--resume``."""
     if not sender.flush(config.mlflow.flush_timeout_s):
         raise StoreUnreachable(

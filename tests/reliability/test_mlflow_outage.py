@@ -16,10 +16,11 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from ptune_search.search import OUTBOX_DIR
+from ptune_search.config import load_config
+from ptune_search.search import OUTBOX_DIR, deliver_outbox
 from ptune_search.tracking import BEST_TAG, ROLE_TAG, TRIAL_ARTIFACTS, TRIAL_TAG, SearchTracker
 from ptune_search.tracking_outbox import JOURNAL_FILE, REFUSED_FILE, TrackingOutbox
-from ptune_search.tracking_replay import OutboxSender
+from ptune_search.tracking_replay import OutboxSender, StoreUnreachable
 from tests.reliability.mlflow_server import MlflowServer, free_port, mlflow_server  # noqa: F401 - a fixture
 from tests.search.search_process import TINY_CONFIG, SearchProcess, assert_no_survivors, wait_for
 
@@ -149,9 +150,13 @@ def test_records_wait_while_the_server_is_down_and_arrive_after_a_restart(mlflow
     for operation, args in [start_child("t1", parent), result("t1", 3), result("t1", 6)]:
         outbox.append(operation, args)
 
-    with OutboxSender(outbox, tracker) as sender:
-        assert not sender.flush(timeout_s=5, progress_every_s=1)
+    config = load_config(TINY_CONFIG, [f"output_dir={tmp_path}", f"mlflow.tracking_uri={mlflow_server.uri}",
+                                       "mlflow.flush_timeout_s=5"], check_paths=False)
+    with OutboxSender(outbox, tracker) as sender, pytest.raises(StoreUnreachable) as unreachable:
+        deliver_outbox(sender, config)
     assert f"MLflow at {mlflow_server.uri} unreachable, 3 operations waiting; retrying" in capsys.readouterr().out
+    assert f"3 records it has not taken are kept in the outbox {outbox.directory}" in str(unreachable.value)
+    assert "ptune-search search CONFIG --resume" in str(unreachable.value)
 
     mlflow_server.start()
     restarted = TrackingOutbox(tmp_path / "outbox")
