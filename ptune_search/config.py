@@ -19,6 +19,7 @@ import difflib
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -87,6 +88,15 @@ class TaskConfig(_Section):
             raise _Problem((), f"{name} does not exist; give an existing {' or '.join(TABLE_EXTENSIONS)} file")
         return str(path)
 
+    @model_validator(mode="after")
+    def _columns_differ(self) -> TaskConfig:
+        if self.label_column == self.text_column:
+            raise _Problem(
+                ("label_column",),
+                f"{_show(self.label_column)} is not allowed: must differ from {{section}}text_column",
+            )
+        return self
+
 
 class SwarmConfig(_Section):
     """The block servers trials share: started by the search as processes on the driver's machine (local) or as
@@ -106,12 +116,24 @@ class SwarmConfig(_Section):
     @classmethod
     def _multiaddrs(cls, peers: list[str]) -> list[str]:
         for index, peer in enumerate(peers):
-            if not (peer.startswith("/") and "/p2p/" in peer):
+            problem = _multiaddr_problem(peer)
+            if problem is not None:
                 raise _Problem(
                     (index,),
-                    f"{_show(peer)} is not allowed: must be a multiaddr like /ip4/10.0.0.5/tcp/31337/p2p/Qm...",
+                    f"{_show(peer)} is not allowed: must be a multiaddr like /ip4/10.0.0.5/tcp/31337/p2p/Qm... "
+                    f"({problem})",
                 )
         return peers
+
+    @model_validator(mode="after")
+    def _servers_fill_replicas(self) -> SwarmConfig:
+        if self.mode != "external" and self.servers % self.replicas:
+            raise _Problem(
+                ("servers",),
+                f"{self.servers} is not allowed: must be a multiple of {{section}}replicas ({self.replicas}); "
+                "the blocks are split into servers/replicas spans, each served by `replicas` servers",
+            )
+        return self
 
     @model_validator(mode="after")
     def _peers_match_mode(self) -> SwarmConfig:
@@ -204,7 +226,7 @@ class SchedulerConfig(_Section):
 class ResourcesConfig(_Section):
     """What Ray reserves for each trial actor."""
 
-    cpu: Annotated[float, Field(gt=0)] = 1
+    cpu: Annotated[float, Field(ge=0.0001)] = 1  # Ray refuses finer fractions of a CPU
 
 
 class MLflowConfig(_Section):
@@ -255,6 +277,13 @@ class ExperimentConfig(_Section):
                 "or a Hugging Face checkpoint folder",
             )
         return str(path)
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_dir_given(cls, output_dir: Any) -> Any:
+        if isinstance(output_dir, str) and not output_dir.strip():
+            raise ValueError("must not be empty; write . for the working directory")
+        return output_dir
 
     @field_validator("output_dir")
     @classmethod
@@ -380,6 +409,22 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return " ".join(str(error).split())
 
 
+def _multiaddr_problem(peer: str) -> Optional[str]:
+    """Why a swarm client could not dial ``peer`` (hivemind parses it the same way), or None."""
+    from hivemind.utils.multiaddr import Multiaddr  # lazily: hivemind imports torch
+    from hivemind.utils.multiaddr.exceptions import Error as MultiaddrError
+
+    try:
+        protocols = {protocol.name for protocol in Multiaddr(peer).protocols()}
+    except (MultiaddrError, ValueError, TypeError) as error:
+        return " ".join(str(error).split())[:_MAX_SHOWN]
+    if "p2p" not in protocols:
+        return "no /p2p/<peer id> part"
+    if not protocols & {"ip4", "ip6", "dns", "dns4", "dns6"} or not protocols & {"tcp", "udp"}:
+        return "no host and port to dial"
+    return None
+
+
 def _check_ordered(low: float, high: float) -> None:
     if low > high:
         raise _Problem(("low",), f"{low} is not allowed: must be <= {{section}}high ({high})")
@@ -391,6 +436,8 @@ def _checks_paths(info: ValidationInfo) -> bool:
 
 def _absolute(path: str | Path, info: ValidationInfo) -> Path:
     """``path`` made absolute against the context's base_dir, lexically (no symlinks followed, no I/O)."""
+    if "\0" in str(path):
+        raise _Problem((), f"{_show(str(path))} is not allowed: a path cannot contain a NUL character")
     base_dir = (info.context or {}).get("base_dir") or Path.cwd()
     return Path(os.path.abspath(Path(base_dir).expanduser() / Path(path).expanduser()))
 
@@ -398,8 +445,14 @@ def _absolute(path: str | Path, info: ValidationInfo) -> Path:
 def _resolve_tracking_uri(uri: Optional[str], output_dir: Path, info: ValidationInfo) -> str:
     if uri is None:
         return f"sqlite:///{output_dir / 'mlflow.db'}"
+    if "\0" in uri:
+        raise _Problem(("mlflow", "tracking_uri"), f"{_show(uri)} is not allowed: must not contain a NUL character")
     if uri.startswith("sqlite:///"):
+        if not uri[len("sqlite:///"):].strip():
+            raise _Problem(("mlflow", "tracking_uri"), f"{_show(uri)} is not allowed: names no database file")
         return f"sqlite:///{_absolute(uri[len('sqlite:///'):], info)}"
+    if re.match(r"https?://", uri, re.IGNORECASE) and not _server_address(uri):
+        raise _Problem(("mlflow", "tracking_uri"), f"{_show(uri)} is not allowed: names no valid server host and port")
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
     if scheme is None or scheme.group(1).lower() == "file":
         raise _Problem(
@@ -408,6 +461,14 @@ def _resolve_tracking_uri(uri: Optional[str], output_dir: Path, info: Validation
             "an http(s):// tracking server, or null for sqlite:///<output_dir>/mlflow.db",
         )
     return uri
+
+
+def _server_address(uri: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # e.g. a port beyond 65535 or an unclosed [IPv6 bracket
+        return False
 
 
 def _describe(detail: Mapping[str, Any]) -> str:

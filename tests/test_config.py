@@ -204,12 +204,12 @@ def test_bad_peer_string() -> None:
 
 
 def test_external_swarm_with_a_peer() -> None:
-    peer = "/ip4/10.0.0.5/tcp/31337/p2p/QmPeer"
+    peer = "/ip4/10.0.0.5/tcp/31337/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
     assert tiny_with("swarm.mode=external", f"swarm.initial_peers=[{peer}]").swarm.initial_peers == [peer]
 
 
 def test_local_swarm_with_peers() -> None:
-    message = error_of("swarm.initial_peers=[/ip4/10.0.0.5/tcp/31337/p2p/QmPeer]")
+    message = error_of("swarm.initial_peers=[/ip4/10.0.0.5/tcp/31337/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN]")
     assert message.startswith("swarm.initial_peers: [") and "must be empty when swarm.mode is 'local'" in message
 
 
