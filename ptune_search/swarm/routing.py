@@ -36,7 +36,11 @@ class MissingBlockError(RuntimeError):
             "--initial-peers ...`"
         )
         super().__init__(f"no server is online for block {uid} (block {index}) after waiting {waited:.1f}s; {hint}")
-        self.uid, self.index = uid, index
+        self.uid, self.index, self.waited, self.joining = uid, index, waited, joining
+
+    def __reduce__(self) -> tuple:
+        """Rebuilt from its fields when copied or pickled (Ray does both to a trial's exception)."""
+        return type(self), (self.uid, self.index, self.waited, self.joining)
 
 
 @dataclasses.dataclass(frozen=True)
