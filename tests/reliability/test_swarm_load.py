@@ -11,18 +11,20 @@ import contextlib
 import json
 import os
 import signal
+from pathlib import Path
 from typing import Iterator
 
 import psutil
 import pytest
 
+from ptune_search.swarm.launcher import LocalSwarm
 from ptune_search.swarm_load import LoadReport, LoadShape, make_load_model, run_load
 from tests.swarm.swarm_testing import SwarmRegistry
 
 CLIENTS = 8
 DURATION_S = 45.0
 FAIRNESS_BOUND = 2.0  # max/min of per-client tokens/s; the servers' FairQueue serves clients round-robin
-RSS_GROWTH_BOUND_MIB = 64.0  # per server process and per p2p daemon, from after the warm-up to the end
+RSS_GROWTH_BOUND_MIB = 64.0  # per server process and per p2p daemon, from the settled start to the end
 
 pytestmark = pytest.mark.slow
 
@@ -38,23 +40,36 @@ def processes_in_groups(groups: set[int]) -> list[str]:
     return found
 
 
+def run_and_reap(model: Path, swarm: LocalSwarm, shape: LoadShape, work_dir: Path) -> tuple[LoadReport, list[str]]:
+    """Run the load; also return the processes of its clients that survived it (killed here, to be none)."""
+    report = run_load(model, swarm, shape, work_dir=work_dir)
+    survivors = processes_in_groups({report.client_session})
+    for line in survivors:  # never leave them running, even when the test fails
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    return report, survivors
+
+
 @pytest.fixture(scope="module")
-def load(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LoadReport, list[str]]]:
-    """The report of one load run, and the processes of its clients that survived it (to be none)."""
+def load_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, LocalSwarm]]:
+    """The generated load model (8 blocks of hidden 128) and a swarm of two servers of 4 blocks each."""
     folder = tmp_path_factory.mktemp("swarm-load")
     model = make_load_model(folder)
     registry = SwarmRegistry()
     try:
-        swarm = registry.start(model, 2, log_dir=folder / "swarm")
-        report = run_load(model, swarm, LoadShape(clients=CLIENTS, duration_s=DURATION_S), work_dir=folder / "clients")
-        print(json.dumps(report.summary()))  # the measured figures, for the log (pytest -s)
-        survivors = processes_in_groups({report.client_session})
-        for line in survivors:  # never leave them running, even when the test fails
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(line.split(":")[0]), signal.SIGKILL)
-        yield report, survivors
+        yield model, registry.start(model, 2, log_dir=folder / "swarm")
     finally:
         registry.stop_all()
+
+
+@pytest.fixture(scope="module")
+def load(load_swarm, tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadReport, list[str]]:
+    """One load run of 8 clients for 45 s, shared by the tests that check its properties."""
+    model, swarm = load_swarm
+    shape = LoadShape(clients=CLIENTS, duration_s=DURATION_S)
+    report, survivors = run_and_reap(model, swarm, shape, tmp_path_factory.mktemp("load-clients"))
+    print(json.dumps(report.summary()))  # the measured figures, for the log (pytest -s)
+    return report, survivors
 
 
 def test_no_swarm_call_fails_and_no_client_raises(load):
@@ -77,6 +92,7 @@ def test_clients_share_the_servers_fairly(load):
 
 
 def test_server_memory_stays_flat(load):
+    """RSS from 10 s into the load (LoadShape.settle_s: every client has had requests in flight) to the end."""
     report, _ = load
     growth = report.server_growth_mib()
     assert sum(not name.endswith("/p2pd") for name in growth) == 2, growth
@@ -96,16 +112,12 @@ def test_no_client_process_outlives_the_load(load):
     assert not survivors
 
 
-def test_a_failing_client_is_counted_and_reported(tmp_path):
+def test_a_failing_client_is_counted_and_reported(load_swarm, tmp_path):
     """Clients fail loudly: an exception in a client reaches the report with its message, and nothing survives."""
-    registry = SwarmRegistry()
-    try:
-        swarm = registry.start(make_load_model(tmp_path), 0)  # a bootstrap peer only
-        missing = tmp_path / "no-such-model"
-        report = run_load(missing, swarm, LoadShape(clients=2, duration_s=1.0), work_dir=tmp_path / "clients")
-    finally:
-        registry.stop_all()
+    _, swarm = load_swarm
+    shape = LoadShape(clients=2, duration_s=1.0)
+    report, survivors = run_and_reap(tmp_path / "no-such-model", swarm, shape, tmp_path / "clients")
     assert report.client_exceptions == 2 and report.summary()["clients_without_progress"] == 2
     assert all("no-such-model" in client.errors[0] for client in report.clients), [c.errors for c in report.clients]
     assert report.fairness == float("inf")
-    assert not processes_in_groups({report.client_session})
+    assert not survivors
