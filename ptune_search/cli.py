@@ -9,6 +9,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from ptune_search.disk_space import OutputDiskFull
 from ptune_search.pretrained import PACKAGED_MODELS
 
 
@@ -128,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, ConnectionError) as error:
+    except (ValueError, FileNotFoundError, ConnectionError, OutputDiskFull) as error:
         sys.exit(f"ptune-search {args.command}: error: {error}")
     except KeyboardInterrupt:
         print(f"ptune-search {args.command}: interrupted; everything it started is stopped (a search continues with --resume)", file=sys.stderr)

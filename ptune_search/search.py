@@ -20,6 +20,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ptune_search.config import ExperimentConfig
 from ptune_search.data import TaskSpec
+from ptune_search.disk_space import OutputDisk, full_disk_reported
+from ptune_search.disk_watch import FreeSpaceWatch
 from ptune_search.pretrained import resolve_model
 from ptune_search.search_report import best_finished_trial, trial_rows, write_search_report
 from ptune_search.tracking import MlflowTrialCallback, SearchTracker
@@ -109,6 +111,13 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
     model_path = str(resolve_model(config.model))
     if config.swarm.mode == "external":
         check_swarm_reachable(config.swarm.initial_peers)
+    disk = OutputDisk.for_search(config, model_path)
+    disk.check_room_to_start()
+    with full_disk_reported(disk):
+        return _run_search(config, model_path, address, resume)
+
+
+def _run_search(config: ExperimentConfig, model_path: str, address: Optional[str], resume: bool) -> SearchOutcome:
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     # Snapshot the experiment every second (not every 10 s): a killed driver then resumes with at most a
     # second of trial state lost; what it replays, the MLflow callback and the searcher ignore.
@@ -229,7 +238,7 @@ def _fit(config: ExperimentConfig, settings: TrialSettings, callback: MlflowTria
             max_concurrent_trials=config.budget.max_concurrent_trials,
         ),
         run_config=_run_config(
-            SEARCH_NAME, storage_path, callback, config.budget.max_failures
+            SEARCH_NAME, storage_path, callback, config.budget.max_failures, _disk(config, settings)
         ),
     )
     return tuner.fit()
@@ -250,13 +259,14 @@ def _run_baseline(
             param_space={"tuning_mode": None, "pre_seq_len": 0, "lr": lr},
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=1),
             run_config=_run_config(
-                BASELINE_NAME,
-                storage_path,
-                callback,
-                config.budget.max_failures,
+                BASELINE_NAME, storage_path, callback, config.budget.max_failures, _disk(config, settings)
             ),
         )
     return tuner.fit().get_best_result(METRIC, MODE, scope="last").metrics[METRIC]
+
+
+def _disk(config: ExperimentConfig, settings: TrialSettings) -> OutputDisk:
+    return OutputDisk.for_search(config, settings.model_path)
 
 
 def _trainable(config: ExperimentConfig, settings: TrialSettings) -> Any:
@@ -264,11 +274,13 @@ def _trainable(config: ExperimentConfig, settings: TrialSettings) -> Any:
     return tune.with_resources(trainable, {"cpu": config.resources.cpu})
 
 
-def _run_config(name: str, storage_path: str, callback: MlflowTrialCallback, max_failures: int) -> tune.RunConfig:
+def _run_config(
+    name: str, storage_path: str, callback: MlflowTrialCallback, max_failures: int, disk: OutputDisk
+) -> tune.RunConfig:
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
-        callbacks=[callback],
+        callbacks=[callback, FreeSpaceWatch(disk)],  # the watch after MLflow: the last result is recorded
         checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True),
         failure_config=tune.FailureConfig(max_failures=max_failures),
         progress_reporter=tune.CLIReporter(

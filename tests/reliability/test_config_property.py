@@ -59,7 +59,9 @@ class Leaf:
         return ".".join(self.path)
 
 
-BOUNDS = {annotated_types.Ge: "ge", annotated_types.Gt: "gt", annotated_types.Lt: "lt", annotated_types.MinLen: "min_length"}
+BOUNDS = {
+    annotated_types.Ge: "ge", annotated_types.Gt: "gt", annotated_types.Lt: "lt", annotated_types.MinLen: "min_length"
+}
 
 
 def _constraints(info: FieldInfo) -> dict[str, Any]:
@@ -241,7 +243,8 @@ def out_of_range(draw: st.DrawFn, config: dict) -> Mistake:
     leaf = draw(st.sampled_from(bounded))
     choices: list[st.SearchStrategy[Any]] = []
     if leaf.ge is not None:
-        choices.append(st.integers(max_value=int(leaf.ge) - 1) if leaf.kind == "int" else st.floats(max_value=leaf.ge, exclude_max=True))
+        below = st.integers(max_value=int(leaf.ge) - 1) if leaf.kind == "int" else st.floats(max_value=leaf.ge)
+        choices.append(below.filter(lambda value: value < leaf.ge))
     if leaf.gt is not None:
         choices.append(st.floats(max_value=leaf.gt, allow_nan=False))
     if leaf.lt is not None:
@@ -275,7 +278,8 @@ def wrong_nesting(draw: st.DrawFn, config: dict) -> Mistake:
     if how == "section as a scalar":
         _set(config, section, draw(st.one_of(ANY_SCALAR, LISTS)))
         return Mistake(config, ".".join(section), single=True)
-    target = draw(st.sampled_from([s for s in SECTIONS if s[: len(section)] != section and section[-1] not in _fields_at(s)]))
+    outside = [s for s in SECTIONS if s[: len(section)] != section and section[-1] not in _fields_at(s)]
+    target = draw(st.sampled_from(outside))
     moved = _at(config, section[:-1]).pop(section[-1])
     _at(config, target)[section[-1]] = moved
     return Mistake(config, ".".join([*target, section[-1]]), single=False)
@@ -287,14 +291,15 @@ def bad_enum(draw: st.DrawFn, config: dict) -> Mistake:
         return Mistake(config, "swarm.mode", single=True)
     modes = config["search_space"]["tuning_modes"]
     index = draw(st.integers(0, len(modes)))
-    modes.insert(index, draw(st.one_of(st.text(max_size=10).filter(lambda m: m not in TUNING_MODES), st.integers(), st.none())))
+    unknown_mode = st.text(max_size=10).filter(lambda mode: mode not in TUNING_MODES)
+    modes.insert(index, draw(st.one_of(unknown_mode, st.integers(), st.none())))
     return Mistake(config, f"search_space.tuning_modes[{index}]", single=True)
 
 
 def inconsistent_pair(draw: st.DrawFn, config: dict) -> Mistake:
     budget, swarm, space = config["budget"], config["swarm"], config["search_space"]
     rule = draw(st.sampled_from(
-        ["eval_every", "grace_period", "pre_seq_len", "lr", "repeated mode", "servers", "columns", "external", "local peers"]
+        ["eval_every", "grace_period", "pre_seq_len", "lr", "repeated mode", "servers", "columns", "external", "peers"]
     ))
     if rule == "eval_every":
         budget["eval_every"] = budget["max_steps"] + draw(st.integers(1, 100))
@@ -323,18 +328,20 @@ def inconsistent_pair(draw: st.DrawFn, config: dict) -> Mistake:
         if draw(st.booleans()):
             del swarm["initial_peers"]
         return Mistake(config, "swarm.initial_peers", single=True)
-    swarm.update(mode=draw(st.sampled_from(["local", "ray"])), initial_peers=draw(st.lists(multiaddrs(), min_size=1, max_size=2)))
+    peers = draw(st.lists(multiaddrs(), min_size=1, max_size=2))  # given, while the search starts its own swarm
+    swarm.update(mode=draw(st.sampled_from(["local", "ray"])), initial_peers=peers)
     swarm["servers"] = swarm["replicas"]
     return Mistake(config, "swarm.initial_peers", single=True)
 
 
 BASE58 = set("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
+NOT_BASE58 = st.text(min_size=1, max_size=20).filter(lambda peer: set(peer) - BASE58)
 BAD_MULTIADDRS = st.one_of(
     st.text(max_size=30),
     st.builds("/ip4/{}.0.0.1/tcp/31337/p2p/{}".format, st.integers(256, 999), peer_ids()),
     st.builds("/ip4/10.0.0.1/tcp/{}/p2p/{}".format, st.integers(65536, 10**6), peer_ids()),
     st.builds("/ip4/10.0.0.1/tcp/{}".format, st.integers(1, 65535)),
-    st.builds("/ip4/10.0.0.1/tcp/31337/p2p/{}".format, st.text(min_size=1, max_size=20).filter(lambda s: not set(s) <= BASE58)),
+    st.builds("/ip4/10.0.0.1/tcp/31337/p2p/{}".format, NOT_BASE58),
     st.builds("/p2p/{}".format, peer_ids()),
     st.builds("/ip4/10.0.0.1/p2p/{}".format, peer_ids()),
     st.builds("/ipx/10.0.0.1/tcp/1/p2p/{}".format, peer_ids()),
@@ -362,7 +369,7 @@ def bad_location(draw: st.DrawFn, config: dict) -> Mistake:
         value = draw(st.one_of(st.just(""), st.just("  "), nul))
     else:
         value = draw(st.sampled_from(
-            ["mlruns", "file:///tmp/mlruns", "sqlite:///", "http://", "https://:5000", "http://host:99999", "sqlite:///a\0b"]
+            ["mlruns", "file:///tmp/m", "sqlite:///", "http://", "https://:5000", "http://host:99999", "sqlite:///a\0b"]
         ))
     _set(config, tuple(what.split(".")), value)
     return Mistake(config, what, single=True)
