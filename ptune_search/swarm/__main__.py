@@ -38,6 +38,7 @@ def add_swarm_arguments(subparsers: argparse._SubParsersAction) -> None:
     _add_server_options(serve)
     serve.add_argument("--max-tokens", type=int, help="largest batch * length accepted")
     serve.add_argument("--max-payload-bytes", type=int, help="largest request payload accepted")
+    serve.add_argument("--receive-timeout", type=float, help="seconds a streamed request may take to arrive (60)")
     serve.add_argument("--cache-bytes", type=int, help="memory for forward graphs kept for backward")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=0)
@@ -80,6 +81,7 @@ def run_swarm_command(args: argparse.Namespace) -> None:
             refresh_period=args.refresh_period,
             max_tokens=args.max_tokens,
             max_payload_bytes=args.max_payload_bytes,
+            receive_timeout=args.receive_timeout,
             cache_bytes=args.cache_bytes,
             host=args.host,
             port=args.port,

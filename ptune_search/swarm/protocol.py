@@ -11,20 +11,27 @@ nothing is ever unpickled. Both sides import this module and nothing else of eac
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
+import math
 import re
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 import msgpack
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
+
+from ptune_search.swarm.bounded_streams import add_bounded_stream_handler
 
 UID_DELIMITER = "."
 SPAN_DELIMITER = " "
 PROTOCOL_VERSION = "ptune-swarm/1"
 MAX_METADATA_BYTES = 64 * 1024
+MAX_BLOCK_INDEX = 999_999  # block uids carry at most 6 digits
+MAX_STREAM_MESSAGE_BYTES = 2 * 1024 * 1024  # one streamed message: a tensor part (wire.CHUNK_BYTES), uid, metadata
+RECORD_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 
 
 class ServerState(str, enum.Enum):
@@ -119,6 +126,9 @@ class ServerRecord:
     dtype: str = "float32"
     version: str = PROTOCOL_VERSION
 
+    def covers(self, index: int) -> bool:
+        return self.start <= index < self.end
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "state": self.state.value,
@@ -141,11 +151,18 @@ class ServerRecord:
             dtype, version = value.get("dtype", "float32"), value.get("version", "")
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"malformed server record: {e}") from None
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
-            raise ValueError(f"malformed span in server record: {start!r}:{end!r}")
-        if not isinstance(throughput, (int, float)) or not isinstance(dtype, str) or not isinstance(version, str):
-            raise ValueError("malformed throughput, dtype or version in server record")
+        if not (_is_int(start) and _is_int(end) and 0 <= start < end <= MAX_BLOCK_INDEX + 1):
+            raise ValueError(f"malformed span in server record: {str(start)[:40]}:{str(end)[:40]}")
+        if not (isinstance(throughput, (int, float)) and not isinstance(throughput, bool)
+                and math.isfinite(throughput) and throughput >= 0):
+            raise ValueError(f"malformed throughput in server record: {str(throughput)[:40]}")
+        if dtype not in RECORD_DTYPES or not isinstance(version, str):
+            raise ValueError(f"malformed dtype or version in server record: {str(dtype)[:40]}, {str(version)[:40]}")
         return cls(state, start, end, float(throughput), dtype, version)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +173,9 @@ class RequestLimits:
     max_payload_bytes: int = 256 * 1024 * 1024
     max_pre_seq_len: int = 1024
     max_queue: int = 1024  # waiting requests of all clients together
+    receive_timeout: float = 60.0  # seconds a streamed request may take to arrive whole
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
 
@@ -216,6 +234,26 @@ class BlockService(ServicerBase):
     handler names do not depend on the implementing class. Every response carries msgpack metadata, with an
     ``error`` entry (see :func:`error_metadata`) when the request was refused.
     """
+
+    async def add_p2p_handlers(
+        self, p2p: P2P, wrapper: Any = None, *, namespace: Optional[str] = None, balanced: bool = False
+    ) -> None:
+        """Register the RPCs; request streams are read with a bound on each message (see bounded_streams)."""
+        self._collect_rpc_handlers()
+        servicer = self if wrapper is None else wrapper
+        registrations = []
+        for handler in self._rpc_handlers:
+            name = self._get_handle_name(namespace, handler.method_name)
+            method = getattr(servicer, handler.method_name)
+            if handler.stream_input:
+                registrations.append(add_bounded_stream_handler(
+                    p2p, name, method, handler.request_type, MAX_STREAM_MESSAGE_BYTES, balanced=balanced
+                ))
+            else:
+                registrations.append(p2p.add_protobuf_handler(
+                    name, method, handler.request_type, stream_output=handler.stream_output, balanced=balanced
+                ))
+        await asyncio.gather(*registrations)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         raise NotImplementedError

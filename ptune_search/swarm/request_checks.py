@@ -91,6 +91,8 @@ def parse_span_request(
         raise bad_request(f"bad metadata: {e}") from None
     if not 0 < len(request_id) <= MAX_REQUEST_ID:
         raise bad_request(f"request_id must have 1..{MAX_REQUEST_ID} characters")
+    if pre_seq_len < 0:
+        raise bad_request(f"pre_seq_len must be >= 0 (got {pre_seq_len})")
 
     base = 3 if kind == "backward" else 2
     has_prompts = pre_seq_len > 0

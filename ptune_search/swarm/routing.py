@@ -5,6 +5,10 @@ covers from ``i`` on (at most up to ``end``), chosen at random among online, non
 proportional to how many blocks the span covers (fewer hops, load spread over replicas). If no server is
 online for block ``i``, it waits up to ``block_wait_timeout`` seconds, re-reading the DHT, then raises
 :class:`MissingBlockError` naming the block.
+
+Anyone may write to the DHT: records that are malformed, or whose span does not contain the block they are
+stored under, are skipped with a warning. Records that lie plausibly (an online record for a peer that
+serves nothing) are found out by the calls that fail on them: the client bans that peer and re-routes.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ import random
 import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from ptune_search.swarm.protocol import PROTOCOL_VERSION, ServerRecord, ServerState, block_uid
+from ptune_search.swarm.protocol import PROTOCOL_VERSION, ServerRecord, ServerState, block_uid, parse_block_uid
 
 if TYPE_CHECKING:
     from hivemind.dht import DHTNode
     from hivemind.p2p import PeerID
 
 logger = logging.getLogger(__name__)
+MAX_REPORTED = 1024  # bad records remembered as already reported (then forgotten, so reported again)
 
 
 class MissingBlockError(RuntimeError):
@@ -60,23 +65,55 @@ class RemoteSpan:
         return f"{self.start}:{self.end}@{str(self.peer_id)[-6:]}"
 
 
-async def fetch_block_records(node: "DHTNode", uids: Sequence[str]) -> list[dict["PeerID", ServerRecord]]:
-    """For each uid, the latest record of every server that announced it (any state); malformed ones skipped."""
+async def fetch_block_records(
+    node: "DHTNode", uids: Sequence[str], reported: Optional[set[tuple[str, str]]] = None
+) -> list[dict["PeerID", ServerRecord]]:
+    """For each block uid, the latest record of every server that announced it (any state).
+
+    Malformed records and records whose span does not contain the uid's block are skipped with a WARNING;
+    with ``reported``, only once per uid and subkey (the set remembers what was reported).
+    """
+    found = await node.get_many(list(uids), sufficient_expiration_time=float("inf"))
+    result: list[dict["PeerID", ServerRecord]] = []
+    for uid in uids:
+        entry = found.get(uid)
+        if entry is None:
+            result.append({})
+        elif not isinstance(entry.value, dict):
+            kind = type(entry.value).__name__
+            _report(reported, uid, "", f"ignoring the value under {uid}: a {kind}, not a map of server records")
+            result.append({})
+        else:
+            result.append(_parse_records(uid, entry.value, reported))
+    return result
+
+
+def _parse_records(uid: str, value: dict, reported: Optional[set[tuple[str, str]]]) -> dict["PeerID", ServerRecord]:
     from hivemind.p2p import PeerID
 
-    found = await node.get_many(list(uids), sufficient_expiration_time=float("inf"))
-    result: list[dict[PeerID, ServerRecord]] = []
-    for uid in uids:
-        servers: dict[PeerID, ServerRecord] = {}
-        entry = found.get(uid)
-        if entry is not None and isinstance(entry.value, dict):
-            for subkey, item in entry.value.items():
-                try:
-                    servers[PeerID.from_base58(subkey)] = ServerRecord.from_dict(item.value)
-                except Exception as e:  # noqa: BLE001 - other peers' garbage must not break routing
-                    logger.debug(f"skipping a malformed record under {uid}: {e}")
-        result.append(servers)
-    return result
+    _, index = parse_block_uid(uid)
+    servers: dict["PeerID", ServerRecord] = {}
+    for subkey, item in value.items():
+        try:
+            peer = PeerID.from_base58(subkey)
+            record = ServerRecord.from_dict(item.value)
+            if not record.covers(index):
+                raise ValueError(f"its span {record.start}:{record.end} does not contain block {index}")
+        except Exception as e:  # noqa: BLE001 - other peers' garbage must not break routing
+            _report(reported, uid, repr(subkey)[:80], f"ignoring the record of {repr(subkey)[:80]} under {uid}: {e}")
+            continue
+        servers[peer] = record
+    return servers
+
+
+def _report(reported: Optional[set[tuple[str, str]]], uid: str, subkey: str, message: str) -> None:
+    if reported is not None:
+        if (uid, subkey) in reported:
+            return
+        if len(reported) >= MAX_REPORTED:
+            reported.clear()
+        reported.add((uid, subkey))
+    logger.warning(message)
 
 
 class BlockRouter:
@@ -97,11 +134,12 @@ class BlockRouter:
         self._joining: list[bool] = [False] * num_blocks
         self._updated = -float("inf")
         self._bans: dict["PeerID", tuple[float, int]] = {}  # peer -> (banned until, consecutive failures)
+        self._reported: set[tuple[str, str]] = set()  # bad records already warned about
         self._refresh_lock = asyncio.Lock()
 
     async def refresh(self) -> None:
         async with self._refresh_lock:
-            records = await fetch_block_records(self.node, self.uids)
+            records = await fetch_block_records(self.node, self.uids, self._reported)
             self._online = [
                 {peer: record for peer, record in servers.items() if _usable(record)} for servers in records
             ]
@@ -141,7 +179,11 @@ class BlockRouter:
             spans.append(RemoteSpan(peer, block, reach, record))
         now = time.monotonic()
         allowed = [span for span in spans if self._bans.get(span.peer_id, (0.0, 0))[0] <= now]
-        return allowed or spans  # if every server is banned, the failures may be ours: try them again
+        if allowed or not spans:
+            return allowed
+        # Every server is banned: the failures may be ours, so try again those that failed least often.
+        fewest = min(self._bans.get(span.peer_id, (0.0, 0))[1] for span in spans)
+        return [span for span in spans if self._bans.get(span.peer_id, (0.0, 0))[1] == fewest]
 
     def ban(self, peer_id: "PeerID") -> None:
         """Avoid ``peer_id`` for ``ban_timeout`` seconds, doubling with each consecutive failure (up to 8x)."""

@@ -3,6 +3,9 @@
 Forward with ``keep`` stores the span's autograd graph in the :class:`ActivationCache`; the backward that
 follows (same client, same request id) runs the backward on it, or recomputes the forward from the inputs
 it carries when the graph is gone. Refusals go back as ``{"error": ...}`` metadata, never as a crash.
+
+A streamed request must arrive whole within ``limits.receive_timeout`` seconds: a client that stops sending
+half-way is refused then, and what it sent is freed (``info`` counts the streams being received).
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from ptune_search.swarm.request_checks import (
 from ptune_search.swarm.wire import PayloadTooLarge, TensorAssembler, response_messages, serialize_tensor
 
 logger = logging.getLogger(__name__)
-DRAIN_TIMEOUT = 30.0
 
 
 class BlockRPCHandlers:
@@ -44,11 +46,13 @@ class BlockRPCHandlers:
         self.span, self.served, self.queue, self.cache, self.info = span, served, queue, cache, info
         tensors = list(span.parameters()) + list(span.buffers())
         self._weight_storages = frozenset(t.untyped_storage().data_ptr() for t in tensors)
+        self.receiving_streams = 0
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         cache = {"bytes": self.cache.nbytes, "hits": self.cache.hits, "misses": self.cache.misses,
                  "evictions": self.cache.evictions}
-        info = dict(self.info, queue=self.queue.pending, compute=dict(self.queue.stats), cache=cache)
+        info = dict(self.info, queue=self.queue.pending, compute=dict(self.queue.stats), cache=cache,
+                    receiving_streams=self.receiving_streams)
         return runtime_pb2.ExpertResponse(metadata=pack_metadata(info))
 
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -78,37 +82,54 @@ class BlockRPCHandlers:
             outputs, metadata = await self._process(kind, request.uid, tensors, request.metadata, context)
         except RequestRefused as e:
             return runtime_pb2.ExpertResponse(metadata=error_metadata(e.kind, e.message))
-        return runtime_pb2.ExpertResponse(tensors=[serialize_tensor(t) for t in outputs], metadata=metadata)
+        tensors = [serialize_tensor(t) for t in outputs]
+        return runtime_pb2.ExpertResponse(tensors=tensors, metadata=pack_metadata(metadata))
 
     async def _stream(
         self, kind: str, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        assembler = TensorAssembler(self.served.limits.max_payload_bytes)
-        uid, metadata = None, b""
+        timeout = self.served.limits.receive_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
             try:
+                uid, metadata, tensors = await self._receive(requests, deadline)
+            except TimeoutError:
+                raise bad_request(f"the request stream did not arrive whole within {timeout:g} s") from None
+            outputs, response_metadata = await self._process(kind, uid, tensors, metadata, context)
+        except RequestRefused as e:
+            yield runtime_pb2.ExpertResponse(metadata=error_metadata(e.kind, e.message))
+            with contextlib.suppress(Exception):  # read what the client still sends, so its stream can close
+                async with asyncio.timeout_at(deadline):
+                    await _drain(requests)
+            return
+        for message in response_messages(outputs, response_metadata):
+            yield message
+
+    async def _receive(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], deadline: float
+    ) -> tuple[str, bytes, list[torch.Tensor]]:
+        """The uid, metadata and tensors of a request stream, read until ``deadline`` (loop time) at most."""
+        assembler = TensorAssembler(self.served.limits.max_payload_bytes)
+        uid, metadata = None, b""
+        self.receiving_streams += 1
+        try:
+            async with asyncio.timeout_at(deadline):
                 async for message in requests:
                     if uid is None:
                         uid, metadata = message.uid, message.metadata
                     for part in message.tensors:
                         assembler.add(part)
-                tensors = assembler.tensors()
-            except PayloadTooLarge as e:
-                raise bad_request(str(e)) from None
-            except ValueError as e:
-                raise bad_request(f"malformed tensor stream: {e}") from None
-            outputs, response_metadata = await self._process(kind, uid or "", tensors, metadata, context)
-        except RequestRefused as e:
-            yield runtime_pb2.ExpertResponse(metadata=error_metadata(e.kind, e.message))
-            with contextlib.suppress(Exception):  # read what the client still sends, so its stream can close
-                await asyncio.wait_for(_drain(requests), DRAIN_TIMEOUT)
-            return
-        for message in response_messages(outputs, response_metadata):
-            yield message
+            return uid or "", metadata, assembler.tensors()
+        except PayloadTooLarge as e:
+            raise bad_request(str(e)) from None
+        except ValueError as e:
+            raise bad_request(f"malformed tensor stream: {e}") from None
+        finally:
+            self.receiving_streams -= 1
 
     async def _process(
         self, kind: str, uid: str, tensors: Sequence[torch.Tensor], metadata: bytes, context: P2PContext
-    ) -> tuple[list[torch.Tensor], bytes]:
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         request = parse_span_request(kind, uid, tensors, metadata, self.served)
         client: Hashable = context.remote_id
         key = (client, request.request_id)
@@ -122,7 +143,7 @@ class BlockRPCHandlers:
         except Exception as e:
             logger.exception(f"{kind} over blocks {request.start}:{request.end} failed")
             raise RequestRefused(ErrorKind.INTERNAL, f"{kind} failed on the server: {type(e).__name__}: {e}") from None
-        return outputs, pack_metadata(response)
+        return outputs, response
 
     def _span_fn(self, request: SpanRequest):
         blocks = self.span.blocks[request.start - self.span.start : request.end - self.span.start]

@@ -4,7 +4,10 @@ A request or response is a list of tensors plus msgpack metadata. Payloads up to
 travel in one unary message; larger ones as a stream of ``ExpertRequest``/``ExpertResponse`` messages whose
 tensors are cut into parts of ``CHUNK_BYTES``: a tensor's first part carries its dtype, shape and number of
 parts, the following parts only bytes. Decoding checks every size against the buffer and a byte limit,
-so garbage is a ValueError, never a crash or a huge allocation.
+so garbage is a ValueError, never a crash or a huge allocation. A streamed message holds one part, so it
+stays under ``protocol.MAX_STREAM_MESSAGE_BYTES``, the most a server reads of one message. A streamed
+response says in its first metadata how many messages it has (``messages``): the client closes the stream
+once it has them all, which a server waits for (see bounded_streams).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from ptune_search.swarm.protocol import pack_metadata, raise_if_error, unpack_me
 CHUNK_BYTES = 1024 * 1024
 STREAM_THRESHOLD = 1024 * 1024
 MAX_DIMS = 8
+MAX_ELEMENTS = 2**48  # of the shape with its zero sizes counted as 1: beyond it torch's size arithmetic overflows
+MIN_PART_BYTES = 4096  # a stream may cut its tensors finer, but carries at most max_bytes / this many parts
 WIRE_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -67,6 +72,8 @@ def deserialize_tensor(message: runtime_pb2.Tensor) -> torch.Tensor:
     shape = tuple(int(size) for size in message.size)
     if len(shape) > MAX_DIMS:
         raise ValueError(f"a tensor of {len(shape)} dimensions is not accepted (at most {MAX_DIMS})")
+    if math.prod(max(size, 1) for size in shape) > MAX_ELEMENTS:
+        raise ValueError(f"tensor shape {list(shape)} is too large")
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
     if len(message.buffer) != expected:
@@ -93,27 +100,40 @@ def split_tensor(message: runtime_pb2.Tensor, chunk_bytes: int = CHUNK_BYTES) ->
 
 
 class TensorAssembler:
-    """Collects streamed tensor parts into whole tensors, refusing more than ``max_bytes`` in total."""
+    """Collects streamed tensor parts into whole tensors, refusing more than ``max_bytes`` in total.
+
+    The number of parts is bounded too (``max_tensors + max_bytes // MIN_PART_BYTES``): empty parts cost no
+    bytes but would otherwise pile up without limit.
+    """
 
     def __init__(self, max_bytes: int, max_tensors: int = 16):
         self.max_bytes, self.max_tensors = max_bytes, max_tensors
+        self.max_parts = max_tensors + max_bytes // MIN_PART_BYTES
         self.received_bytes = 0
+        self.received_parts = 0
         self._done: list[runtime_pb2.Tensor] = []
         self._header: Optional[runtime_pb2.Tensor] = None
         self._parts: list[bytes] = []
 
     def add(self, part: runtime_pb2.Tensor) -> None:
         self.received_bytes += len(part.buffer)
+        self.received_parts += 1
         if self.received_bytes > self.max_bytes:
             raise PayloadTooLarge(
                 f"payload exceeds the server's limit of {self.max_bytes} bytes (got at least {self.received_bytes})"
+            )
+        if self.received_parts > self.max_parts:
+            raise PayloadTooLarge(
+                f"a payload of at most {self.max_bytes} bytes comes in at most {self.max_parts} parts"
             )
         if part.dtype:  # the first part of a new tensor
             self._finish_current()
             if len(self._done) >= self.max_tensors:
                 raise ValueError(f"a request carries at most {self.max_tensors} tensors")
-            if part.chunks < 1:
-                raise ValueError("a tensor's first part must say how many parts follow (chunks >= 1)")
+            if not 1 <= part.chunks <= self.max_parts:
+                raise ValueError(
+                    f"a tensor's first part must say how many parts it has, 1..{self.max_parts} (got {part.chunks})"
+                )
             self._header, self._parts = part, [part.buffer]
         else:
             if self._header is None or len(self._parts) >= self._header.chunks:
@@ -153,15 +173,17 @@ def request_messages(
 
 
 def response_messages(
-    tensors: Sequence[torch.Tensor], metadata: bytes, chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[runtime_pb2.ExpertResponse]:
-    first = True
-    for tensor in tensors:
-        for part in split_tensor(serialize_tensor(tensor), chunk_bytes):
-            yield runtime_pb2.ExpertResponse(tensors=[part], metadata=metadata if first else b"")
-            first = False
-    if first:
-        yield runtime_pb2.ExpertResponse(metadata=metadata)
+    tensors: Sequence[torch.Tensor], metadata: dict[str, Any], chunk_bytes: int = CHUNK_BYTES
+) -> list[runtime_pb2.ExpertResponse]:
+    """A streamed response; its first message's metadata is ``metadata`` plus the number of ``messages``."""
+    parts = [part for tensor in tensors for part in split_tensor(serialize_tensor(tensor), chunk_bytes)]
+    packed = pack_metadata({**metadata, "messages": max(1, len(parts))})
+    if not parts:
+        return [runtime_pb2.ExpertResponse(metadata=packed)]
+    return [
+        runtime_pb2.ExpertResponse(tensors=[part], metadata=packed if index == 0 else b"")
+        for index, part in enumerate(parts)
+    ]
 
 
 async def _aiter(items: Iterable[Any]) -> AsyncIterator[Any]:
@@ -198,14 +220,17 @@ async def call_server(
     async def exchange() -> tuple[list[torch.Tensor], dict[str, Any]]:
         responses = await getattr(stub, f"rpc_{method}_stream")(_aiter(request_messages(uid, serialized, packed)))
         assembler = TensorAssembler(max_response_bytes)
-        response_metadata = None
-        async with contextlib.aclosing(responses):
+        response_metadata, received = None, 0
+        async with contextlib.aclosing(responses):  # leaving closes the stream: first, as the server expects
             async for message in responses:
                 if response_metadata is None:
                     response_metadata = unpack_metadata(message.metadata)
                     raise_if_error(response_metadata)
                 for part in message.tensors:
                     assembler.add(part)
+                received += 1
+                if received == response_metadata.get("messages"):
+                    break
         if response_metadata is None:
             raise ConnectionError(f"the server closed the {method} stream without a response")
         return assembler.tensors(), response_metadata
