@@ -278,7 +278,7 @@ def wire_mutations(draw: st.DrawFn) -> FuzzCase:
     serialized = [serialize_tensor(t) for t in inputs.tensors()]
     target = serialized[draw(st.integers(0, len(serialized) - 1))]
     label = draw(st.sampled_from(["buffer truncated", "buffer extended", "dtype name", "compression", "sizes",
-                                  "raw sizes", "garbage floats"]))
+                                  "empty with huge sizes", "raw sizes", "garbage floats"]))
     raw_sizes = None
     if label == "buffer truncated":
         target.buffer = target.buffer[: draw(st.integers(0, len(target.buffer) - 1))]
@@ -292,6 +292,10 @@ def wire_mutations(draw: st.DrawFn) -> FuzzCase:
     elif label == "sizes":
         sizes = st.lists(st.integers(0, 2**32 - 1) | st.integers(0, 9), max_size=10)
         target.size[:] = draw(sizes.filter(lambda s: s != list(target.size)))
+    elif label == "empty with huge sizes":  # no bytes at all, so only the sizes themselves can be refused
+        target.buffer = b""
+        sizes = st.lists(st.integers(0, 2**32 - 1) | st.just(2**32 - 1), min_size=1, max_size=8)
+        target.size[:] = draw(sizes.filter(lambda s: 0 in s))
     elif label == "raw sizes":  # varints no protobuf library would write: negative, beyond 32 bits
         raw_sizes = draw(st.lists(st.integers(-(2**63), 2**64 - 1) | st.sampled_from([-1, -4, 2**40]),
                                   min_size=1, max_size=9).filter(
