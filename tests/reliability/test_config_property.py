@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import re
+import subprocess
 import sys
 import types
 import typing
@@ -422,7 +423,6 @@ def test_every_invalid_config_fails_naming_its_field(base_dir: Path, mistake: Mi
         parse_config(mistake.config, base_dir)
     problems = info.value.problems
     assert _named(problems, mistake.field), f"{mistake.field} not named in {problems}"
-    assert all(re.match(r"^[^\s:][^:]*: ", problem) for problem in problems), problems
     if mistake.single:
         assert len(problems) == 1, problems
 
@@ -449,14 +449,18 @@ def _record_process_events(event: str, args: tuple[Any, ...]) -> None:
         _process_events.append(f"{event} {args!r}"[:300])
 
 
-sys.addaudithook(_record_process_events)  # audit hooks stay for the interpreter's life; this one only records
-
-
 @pytest.fixture(scope="module")
 def command_imported(base_dir: Path) -> None:
     """The command's first run imports mlflow and trio (its parser) and hivemind and torch (validation), and
     those first imports run ``uname -p`` and ``ldconfig -p``: once per interpreter, whatever the config. They
-    are done here, so the processes counted below are the ones a config makes the command start."""
+    are done here, so the processes counted below are the ones a config makes the command start. The audit
+    hook that counts them stays for the interpreter's life (hooks cannot be removed); it only records."""
+    global _process_events
+    sys.addaudithook(_record_process_events)
+    _process_events = []
+    subprocess.run(["true"], check=True)  # the hook sees a process start
+    assert _process_events and _process_events[0].startswith("subprocess.Popen"), _process_events
+    _process_events = None
     peer = "/ip4/10.0.0.5/tcp/31337/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
     parse_config({"swarm": {"mode": "external", "initial_peers": [peer]}}, base_dir, check_paths=False)
     with pytest.raises(SystemExit):
