@@ -201,7 +201,9 @@ def _optuna_storage(output_dir: Path) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(f"sqlite:///{output_dir / 'optuna.db'}")
 
 
-def _fit(config: ExperimentConfig, settings: TrialSettings, callback: MlflowTrialCallback, resume: bool) -> tune.ResultGrid:
+def _fit(
+    config: ExperimentConfig, settings: TrialSettings, callback: MlflowTrialCallback, resume: bool
+) -> tune.ResultGrid:
     storage_path = str(config.output_dir / "ray")
     trainable = _trainable(config, settings)
     run_path = Path(storage_path) / SEARCH_NAME

@@ -145,7 +145,8 @@ class SearchTracker:
             self._last_steps[run_id] = self.last_logged_step(run_id)
         if step <= self._last_steps[run_id]:
             return
-        self.client.log_batch(run_id, metrics=[Metric(key, float(value), int(ts), int(at)) for key, value, ts, at in metrics])
+        batch = [Metric(key, float(value), int(timestamp), int(at)) for key, value, timestamp, at in metrics]
+        self.client.log_batch(run_id, metrics=batch)
         self._last_steps[run_id] = step
 
     def finish_child(self, trial_id: str, status: RunStatus, artifacts: list[Path]) -> None:
@@ -154,7 +155,9 @@ class SearchTracker:
             self.client.log_artifact(run_id, str(file))
         self.client.set_terminated(run_id, status=RunStatus.to_string(status))
 
-    def finish_parent(self, parent_run_id: str, best_trial_id: Optional[str], summary: dict[str, list], files: list[Path]) -> None:
+    def finish_parent(
+        self, parent_run_id: str, best_trial_id: Optional[str], summary: dict[str, list], files: list[Path]
+    ) -> None:
         """``summary`` maps a metric to ``[value, timestamp]``; a value the run already has is not logged twice."""
         if best_trial_id is not None:
             best_run_id = self._trial_run(best_trial_id)

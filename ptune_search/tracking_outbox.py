@@ -138,7 +138,8 @@ class TrackingOutbox:
 
     def _line(self, record: OutboxRecord) -> str:
         files = [str(file.relative_to(self.directory)) for file in record.files]
-        return json.dumps({"seq": record.seq, "operation": record.operation, "args": record.args, "files": files}) + "\n"
+        entry = {"seq": record.seq, "operation": record.operation, "args": record.args, "files": files}
+        return json.dumps(entry) + "\n"
 
     def _read_sent(self) -> int:
         path = self.directory / SENT_FILE

@@ -52,7 +52,9 @@ class OutboxSender:
         min_backoff_s, max_backoff_s: wait after a failed write, doubled after each failure in a row.
     """
 
-    def __init__(self, outbox: TrackingOutbox, writer: RecordWriter, min_backoff_s: float = 1.0, max_backoff_s: float = 15.0):
+    def __init__(
+        self, outbox: TrackingOutbox, writer: RecordWriter, min_backoff_s: float = 1.0, max_backoff_s: float = 15.0
+    ):
         self.outbox = outbox
         self.writer = writer
         self.min_backoff_s, self.max_backoff_s = min_backoff_s, max_backoff_s
@@ -99,8 +101,10 @@ class OutboxSender:
                     continue
                 self.writer.forget_store_state()
                 if self.last_error is None:
-                    logger.warning("MLflow at %s unreachable (%s); %d operations wait in %s, retrying",
-                                   self.writer.tracking_uri, _short(error), self.outbox.waiting(), self.outbox.directory)
+                    logger.warning(
+                        "MLflow at %s unreachable (%s); %d operations wait in %s, retrying", self.writer.tracking_uri,
+                        _short(error), self.outbox.waiting(), self.outbox.directory,
+                    )
                 self.last_error = error
                 self._stop.wait(backoff)
                 backoff = min(2 * backoff, self.max_backoff_s)

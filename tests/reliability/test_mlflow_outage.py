@@ -42,7 +42,8 @@ def result(trial_id: str, step: int, window: int = 3) -> tuple[str, dict[str, An
     """A log_result record as the Tune callback writes it: a loss per step, val_loss at the window's end."""
     now = int(time.time() * 1000)
     metrics = [["train_loss", 1.0 / s, now, s] for s in range(step - window + 1, step + 1)]
-    return "log_result", {"trial_id": trial_id, "step": step, "metrics": [*metrics, ["val_loss", 0.5 / step, now, step]]}
+    metrics.append(["val_loss", 0.5 / step, now, step])
+    return "log_result", {"trial_id": trial_id, "step": step, "metrics": metrics}
 
 
 def start_child(trial_id: str, parent_run_id: str) -> tuple[str, dict[str, Any]]:
