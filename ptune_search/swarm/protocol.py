@@ -60,6 +60,10 @@ class RequestRefused(Exception):
         self.kind = kind
         self.message = message
 
+    def __reduce__(self) -> tuple:
+        """Rebuilt from its fields when copied or pickled (Ray does both to a trial's exception)."""
+        return type(self), (self.kind, self.message)
+
     def __str__(self) -> str:
         return f"{self.kind.value}: {self.message}"
 

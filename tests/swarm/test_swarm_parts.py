@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import fcntl
 import os
+import pickle
 import threading
 import time
 
@@ -16,6 +18,8 @@ from ptune_search.swarm.activation_cache import ActivationCache, CachedForward
 from ptune_search.swarm.fair_queue import FairQueue, QueueFull
 from ptune_search.swarm.host_cores import HostCores
 from ptune_search.swarm.protocol import (
+    ErrorKind,
+    RequestRefused,
     ServerRecord,
     ServerState,
     model_prefix,
@@ -23,7 +27,7 @@ from ptune_search.swarm.protocol import (
     span_uid,
     unpack_metadata,
 )
-from ptune_search.swarm.routing import BlockRouter
+from ptune_search.swarm.routing import BlockRouter, MissingBlockError
 from ptune_search.swarm.wire import PayloadTooLarge, TensorAssembler, deserialize_tensor, serialize_tensor, split_tensor
 
 
@@ -258,3 +262,13 @@ def test_fair_queue_sets_the_threads_to_the_cores_each_task_holds(tmp_path):
         os.close(busy_core)
     assert threads_used == [2, 1]  # the worker's start, then b's task on the one free core
     assert queue.stats["shared_core_tasks"] == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RequestRefused(ErrorKind.BAD_REQUEST, "hidden size 32, expected 64"), MissingBlockError("m.3", 3, 5.0, False)],
+    ids=["refused", "missing-block"],
+)
+def test_swarm_errors_survive_the_copy_and_pickle_ray_applies_to_a_trial_error(error: Exception):
+    for clone in (copy.copy(error), copy.deepcopy(error), pickle.loads(pickle.dumps(error))):
+        assert type(clone) is type(error) and str(clone) == str(error)
