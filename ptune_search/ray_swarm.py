@@ -161,11 +161,13 @@ class RaySwarm:
                     name = f"server-{copy}-blocks-{start}-{end}"
                     actor = self._actor(name, resources={SWARM_RESOURCE: 1}, scheduling_strategy="SPREAD")
                     starts[name] = actor.start_server.remote(self.model, (start, end), self.initial_peers, self.prefix)
+            server_maddrs: list[str] = []
             for name, started in starts.items():
                 node_ip = ray.get(started, timeout=max(1.0, deadline - time.monotonic()))  # the model is ready there
-                self._wait_for_info(name, deadline)
+                server_maddrs += self._wait_for_info(name, deadline)["maddrs"]
                 logger.info("swarm %s online on %s", name, node_ip)
             self._wait_until_online(deadline)
+            self.initial_peers += server_maddrs  # servers are DHT peers too: trials join even if the bootstrap died
         except BaseException:
             self.stop()
             raise
