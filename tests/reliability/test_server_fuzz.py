@@ -27,8 +27,6 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 
-from ptune_search.models.llama_blocks import LlamaBlockSpan
-from ptune_search.swarm.client import RemoteBlockChain
 from ptune_search.swarm.connection import SwarmConnection
 from ptune_search.swarm.launcher import LocalSwarm
 from ptune_search.swarm.protocol import ErrorKind, pack_metadata, span_uid
@@ -38,6 +36,7 @@ from tests.swarm.swarm_testing import (
     LIMIT_ARGS,
     MAX_PAYLOAD,
     SwarmRegistry,
+    chain_vs_local_blocks,
     p2pd_children_of_this_process,
     swarm_config,
 )
@@ -93,25 +92,7 @@ def assert_server_healthy(swarm: LocalSwarm, client: FuzzClient, rss: PeakRss) -
 def assert_good_client_equals_local_blocks(model: Path, swarm: LocalSwarm) -> None:
     """Forward and backward of a real client through the fuzzed server equal local blocks (fp32, 1e-5)."""
     config = swarm_config(model, swarm, request_timeout=30.0)
-    local = LlamaBlockSpan.from_checkpoint(model, config, 0, NUM_BLOCKS)
-    chain = RemoteBlockChain.connect(config)
-    try:
-        generator = torch.Generator().manual_seed(7)
-        hidden = torch.randn(2, 9, HIDDEN, generator=generator)
-        mask = torch.ones(2, 9, dtype=torch.long)
-        mask[1, 6:] = 0
-        prompts = torch.randn(2, 2 * NUM_BLOCKS, HIDDEN, generator=generator)
-        grad_out = torch.randn(2, 9, HIDDEN, generator=generator)
-        results = []
-        for blocks in (local, chain):
-            x, p = hidden.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
-            output = blocks(x, mask, p)
-            output.backward(grad_out)
-            results.append((output.detach(), x.grad, p.grad))
-        for ours, reference in zip(results[1], results[0]):
-            assert (ours - reference).abs().max().item() <= 1e-5
-    finally:
-        chain.close()
+    assert max(chain_vs_local_blocks(model, config, batch=2, seed=7)) <= 1e-5
 
 
 def warm_up(client: FuzzClient) -> None:

@@ -11,6 +11,8 @@ from typing import Callable, Optional
 import torch
 
 from ptune_search.models.llama import DistributedLlamaConfig
+from ptune_search.models.llama_blocks import LlamaBlockSpan
+from ptune_search.swarm.client import RemoteBlockChain
 from ptune_search.swarm.launcher import LocalSwarm
 
 NUM_BLOCKS = 6
@@ -104,3 +106,29 @@ def classification_batch(
         attention_mask[1, pad_from:] = 0
     labels = torch.randint(0, num_labels, (batch,), generator=generator)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def chain_vs_local_blocks(model: Path, config: DistributedLlamaConfig, batch: int, seed: int) -> list[float]:
+    """Max abs differences of output, input grad and per-example deep-prompt grad: swarm chain vs local blocks.
+
+    One forward and backward over every block, the last example padded, through a fresh client.
+    """
+    num_blocks, hidden_size = config.num_hidden_layers, config.hidden_size
+    local = LlamaBlockSpan.from_checkpoint(model, config, 0, num_blocks)
+    chain = RemoteBlockChain.connect(config)
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        hidden = torch.randn(batch, 9, hidden_size, generator=generator)
+        mask = torch.ones(batch, 9, dtype=torch.long)
+        mask[-1, 5:] = 0
+        prompts = torch.randn(batch, 2 * num_blocks, hidden_size, generator=generator)
+        grad_out = torch.randn(batch, 9, hidden_size, generator=generator)
+        results = []
+        for blocks in (local, chain):
+            x, p = hidden.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
+            output = blocks(x, mask, p)
+            output.backward(grad_out)
+            results.append((output.detach(), x.grad, p.grad))
+        return [(ours - reference).abs().max().item() for ours, reference in zip(results[1], results[0])]
+    finally:
+        chain.close()

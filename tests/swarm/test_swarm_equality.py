@@ -9,7 +9,7 @@ from ptune_search.models.llama import DistributedLlamaForSequenceClassification
 from ptune_search.models.llama_blocks import LlamaBlockSpan
 from ptune_search.swarm.client import RemoteBlockChain
 
-from swarm_testing import HIDDEN, NUM_BLOCKS, classification_batch, copy_trainable, swarm_config
+from swarm_testing import HIDDEN, NUM_BLOCKS, chain_vs_local_blocks, classification_batch, copy_trainable, swarm_config
 
 TOLERANCE = 1e-5
 
@@ -59,25 +59,7 @@ def test_training_step_through_swarm_equals_local_blocks(
 def test_chain_with_per_example_deep_prompts_equals_local_blocks(swarm_model, swarm3, stream_threshold):
     """Deep prompts that differ per example travel whole; their grads come back per example."""
     config = swarm_config(swarm_model, swarm3, stream_threshold=stream_threshold)
-    local = LlamaBlockSpan.from_checkpoint(swarm_model, config, 0, NUM_BLOCKS)
-    chain = RemoteBlockChain.connect(config)
-    try:
-        generator = torch.Generator().manual_seed(1)
-        hidden = torch.randn(3, 9, HIDDEN, generator=generator)
-        mask = torch.ones(3, 9, dtype=torch.long)
-        mask[2, 5:] = 0
-        prompts = torch.randn(3, 2 * NUM_BLOCKS, HIDDEN, generator=generator)
-        grad_out = torch.randn(3, 9, HIDDEN, generator=generator)
-        results = []
-        for blocks in (local, chain):
-            x, p = hidden.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
-            output = blocks(x, mask, p)
-            output.backward(grad_out)
-            results.append((output.detach(), x.grad, p.grad))
-        for ours, reference in zip(results[1], results[0]):
-            assert max_diff(ours, reference) <= TOLERANCE
-    finally:
-        chain.close()
+    assert max(chain_vs_local_blocks(swarm_model, config, batch=3, seed=1)) <= TOLERANCE
 
 
 def test_forward_without_grad_equals_local_blocks(swarm_model, swarm2):
