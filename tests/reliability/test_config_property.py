@@ -258,10 +258,15 @@ def out_of_range(draw: st.DrawFn, config: dict) -> Mistake:
     return Mistake(config, leaf.dotted, single=True)
 
 
+# YAML reads NEL, LINE SEPARATOR and PARAGRAPH SEPARATOR as line breaks, and PyYAML writes them unescaped: a key
+# holding one cannot be written to a config file at all, so the keys drawn here leave them out.
+KEY_TEXT = st.text(st.characters(exclude_characters="\x85\u2028\u2029"), min_size=1, max_size=10)
+
+
 def unknown_key(draw: st.DrawFn, config: dict) -> Mistake:
     section = draw(st.sampled_from(SECTIONS))
     allowed = _fields_at(section)
-    key = draw(st.one_of(st.text(min_size=1, max_size=10).filter(lambda k: k not in allowed), st.integers(-3, 99)))
+    key = draw(st.one_of(KEY_TEXT.filter(lambda k: k not in allowed), st.integers(-3, 99)))
     _at(config, section)[key] = draw(ANY_SCALAR)
     return Mistake(config, ".".join([*section, str(key)]), single=True)
 
@@ -467,7 +472,7 @@ def command_imported(base_dir: Path) -> None:
         cli.main(["search", str(base_dir / "no-such-config.yaml")])
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mistake=invalid_configs())
 def test_the_command_refuses_an_invalid_config_before_any_process_starts(
     base_dir: Path, command_imported: None, mistake: Mistake
