@@ -1,6 +1,6 @@
 """Load (issue 7, item 3): 8 prompt-tuning clients train at once against a 2-server loopback swarm.
 
-The shape of ``benchmarks/swarm_load.py`` (which runs it for 10 minutes), here for 45 s: 8 client
+The shape of ``benchmarks/swarm_load.py`` (which runs it for 10 minutes), here for 30 s: 8 client
 processes, 4 ``ptune`` and 4 ``deep_ptune``, on a generated Llama of 8 blocks of hidden 128 split over two
 servers. One load run is shared by the tests below, each checking one property of it.
 """
@@ -22,7 +22,7 @@ from ptune_search.swarm_load import LoadReport, LoadShape, make_load_model, run_
 from tests.swarm.swarm_testing import SwarmRegistry
 
 CLIENTS = 8
-DURATION_S = 45.0
+DURATION_S = 30.0
 FAIRNESS_BOUND = 2.0  # max/min of per-client tokens/s; the servers' FairQueue serves clients round-robin
 RSS_GROWTH_BOUND_MIB = 64.0  # per server process and per p2p daemon, from the settled start to the end
 
@@ -64,7 +64,7 @@ def load_swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
 
 @pytest.fixture(scope="module")
 def load(load_swarm, tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadReport, list[str]]:
-    """One load run of 8 clients for 45 s, shared by the tests that check its properties."""
+    """One load run of 8 clients for 30 s, shared by the tests that check its properties."""
     model, swarm = load_swarm
     shape = LoadShape(clients=CLIENTS, duration_s=DURATION_S)
     report, survivors = run_and_reap(model, swarm, shape, tmp_path_factory.mktemp("load-clients"))
