@@ -1,9 +1,9 @@
 """Load on a loopback swarm: 8 prompt-tuning clients train at once for 10 minutes against 2 block servers.
 
-The model is generated (``ptune_search.tiny_llama``): 8 Llama blocks of hidden 128, split 4 + 4 over the two
+The model is generated (``ptune_search.models.tiny_llama``): 8 Llama blocks of hidden 128, split 4 + 4 over the two
 servers, so that each request is real block compute, not only transport. Each client is its own process
 (4 train ``ptune``, 4 ``deep_ptune``; batch 8 x 64 tokens, pre_seq_len 16, AdamW on prompts and head), takes
-2 warm-up steps, then all train until one deadline (see ``ptune_search.swarm_load``). Meanwhile the RSS of
+2 warm-up steps, then all train until one deadline (see ``benchmarks.load_harness``). Meanwhile the RSS of
 every server process and of its p2p daemon is sampled each second: "after_warmup" when the clients start
 together, "start" 10 s later (all clients have had requests in flight at once by then), "end" when all
 clients have finished; "growth" is end - start. Any exception in a client is counted and listed, a client
@@ -20,7 +20,7 @@ that dies or hangs too. Prints JSON lines::
 Tokens count the batch's input tokens (batch x length), not the prompt positions. Exits 1 if any client
 raised or made no progress, or any swarm call failed.
 
-Run: ``python benchmarks/swarm_load.py [--minutes 10] [--clients 8] [--model PATH_OR_ALIAS]``.
+Run: ``python -m benchmarks.swarm_load [--minutes 10] [--clients 8] [--model PATH_OR_ALIAS]``.
 """
 
 from __future__ import annotations
@@ -53,15 +53,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--log-dir", type=Path, help="swarm and client logs (default: a temporary folder, kept)")
     args = parser.parse_args(argv)
 
+    from benchmarks.load_harness import LoadShape, make_load_model, run_load
     from ptune_search.pretrained import resolve_model
     from ptune_search.swarm.launcher import LocalSwarm
-    from ptune_search.swarm_load import LoadShape, make_load_model, run_load
 
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="swarm-load-"))
     path = resolve_model(args.model) if args.model else make_load_model(log_dir)
     shape = LoadShape(
-        clients=args.clients, duration_s=args.minutes * 60, modes=tuple(args.modes), batch=args.batch,
-        length=args.length, pre_seq_len=args.pre_seq_len, client_threads=args.client_threads,
+        clients=args.clients,
+        duration_s=args.minutes * 60,
+        modes=tuple(args.modes),
+        batch=args.batch,
+        length=args.length,
+        pre_seq_len=args.pre_seq_len,
+        client_threads=args.client_threads,
     )
     load_before = os.getloadavg()[0]
     with LocalSwarm(path, servers=args.servers, num_threads=args.server_threads, log_dir=log_dir / "swarm") as swarm:
@@ -71,9 +76,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for record in report.client_records():
         emit({"benchmark": "swarm_load_client", **record})
     summary = report.summary()
-    emit({"benchmark": "swarm_load_summary", "model": path.name, "servers": args.servers, "minutes": args.minutes,
-          "batch": args.batch, "length": args.length, "pre_seq_len": args.pre_seq_len, **summary,
-          "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)], "logs": str(log_dir)})
+    emit(
+        {
+            "benchmark": "swarm_load_summary",
+            "model": path.name,
+            "servers": args.servers,
+            "minutes": args.minutes,
+            "batch": args.batch,
+            "length": args.length,
+            "pre_seq_len": args.pre_seq_len,
+            **summary,
+            "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "logs": str(log_dir),
+        }
+    )
     failed = summary["client_exceptions"] or summary["clients_without_progress"] or summary["failed_calls"]
     return 1 if failed else 0
 

@@ -5,7 +5,7 @@ with local blocks in this process against the same step through a swarm of 2 blo
 each) on 127.0.0.1, for ``ptune`` and ``deep_ptune``, taken in turns (local, swarm, local, ...) so that load
 from other processes hits both alike; then the aggregate tokens/s of 1, 2 and 4 client
 processes training at once on one swarm, measured in turns over ``--rounds``. The servers share the
-machine's cores (see ``ptune_search.swarm.host_cores``) unless ``--no-share-cores``. Prints JSON lines::
+machine's cores (see ``ptune_search.swarm.server.host_cores``) unless ``--no-share-cores``. Prints JSON lines::
 
     {"benchmark": "swarm_step", "mode": "ptune", "local_median_s": 2.0, "swarm_median_s": 2.1, "ratio": 1.05, ...}
     {"benchmark": "swarm_throughput", "clients": 4, "tokens_per_s": 231.0, ...}
@@ -42,7 +42,7 @@ def make_batch(seed: int, vocab_size: int) -> dict[str, torch.Tensor]:
 
 
 def build_model(path: Path, mode: str, initial_peers: Optional[Sequence[str]] = None):
-    from ptune_search.models.llama import DistributedLlamaForSequenceClassification
+    from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
 
     settings = dict(num_labels=NUM_LABELS, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN, request_timeout=120.0)
     if initial_peers:
@@ -92,14 +92,28 @@ def compare_step(path: Path, mode: str, peers: list[str], steps: int) -> dict:
     stats = dict(remote.model.layers.passes.stats)
     remote.model.layers.close()
     local_median, swarm_median = statistics.median(times["local"]), statistics.median(times["swarm"])
-    return {"benchmark": "swarm_step", "model": path.name, "mode": mode, "batch": BATCH, "tokens": LENGTH,
-            "pre_seq_len": PRE_SEQ_LEN, "servers": 2, "steps": steps,
-            "local_median_s": round(local_median, 3), "swarm_median_s": round(swarm_median, 3),
-            "ratio": round(swarm_median / local_median, 3),
-            "paired_ratio_median": round(statistics.median(s / l for s, l in zip(times["swarm"], times["local"])), 3),
-            "local_s": [round(t, 3) for t in times["local"]], "swarm_s": [round(t, 3) for t in times["swarm"]],
-            "swarm_recomputes": stats["server_recomputes"], "failed_calls": stats["failed_calls"],
-            "torch_threads": torch.get_num_threads(), "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    return {
+        "benchmark": "swarm_step",
+        "model": path.name,
+        "mode": mode,
+        "batch": BATCH,
+        "tokens": LENGTH,
+        "pre_seq_len": PRE_SEQ_LEN,
+        "servers": 2,
+        "steps": steps,
+        "local_median_s": round(local_median, 3),
+        "swarm_median_s": round(swarm_median, 3),
+        "ratio": round(swarm_median / local_median, 3),
+        "paired_ratio_median": round(
+            statistics.median(swarm / local for swarm, local in zip(times["swarm"], times["local"])), 3
+        ),
+        "local_s": [round(t, 3) for t in times["local"]],
+        "swarm_s": [round(t, 3) for t in times["swarm"]],
+        "swarm_recomputes": stats["server_recomputes"],
+        "failed_calls": stats["failed_calls"],
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
 
 
 def client_process(
@@ -132,9 +146,17 @@ def throughput(path: Path, peers: list[str], clients: int, mode: str, steps: int
         process.join(60)
     wall = max(end for _, end in spans) - min(start for start, _ in spans)
     tokens = clients * steps * BATCH * LENGTH
-    return {"benchmark": "swarm_throughput", "mode": mode, "clients": clients, "steps_per_client": steps,
-            "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1), "client_threads": threads,
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "benchmark": "swarm_throughput",
+        "mode": mode,
+        "clients": clients,
+        "steps_per_client": steps,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "client_threads": threads,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def emit(record: dict) -> None:
@@ -149,13 +171,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 2, 4], help="concurrent client counts")
     parser.add_argument("--throughput-mode", default="ptune")
     parser.add_argument("--throughput-steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="measure every client count this many times, in turns (1, 2, 4, 1, 2, 4, ...)")
-    parser.add_argument("--client-threads", type=int, default=1,
-                        help="torch threads of each client process (their own compute is small)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="measure every client count this many times, in turns (1, 2, 4, 1, 2, 4, ...)",
+    )
+    parser.add_argument(
+        "--client-threads",
+        type=int,
+        default=1,
+        help="torch threads of each client process (their own compute is small)",
+    )
     parser.add_argument("--server-threads", type=int, help="torch threads per server (default: torch's)")
-    parser.add_argument("--no-share-cores", dest="share_cores", action="store_false",
-                        help="servers compute at the same time instead of taking turns on the cores")
+    parser.add_argument(
+        "--no-share-cores",
+        dest="share_cores",
+        action="store_false",
+        help="servers compute at the same time instead of taking turns on the cores",
+    )
     args = parser.parse_args(argv)
 
     from ptune_search.pretrained import resolve_model
@@ -168,15 +202,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         rates: dict[int, list[float]] = {clients: [] for clients in args.clients}
         for _ in range(args.rounds):
             for clients in args.clients:
-                record = throughput(path, swarm.initial_peers, clients, args.throughput_mode, args.throughput_steps,
-                                    args.client_threads)
+                record = throughput(
+                    path, swarm.initial_peers, clients, args.throughput_mode, args.throughput_steps, args.client_threads
+                )
                 rates[clients].append(record["tokens_per_s"])
                 emit(record)
         if not rates:
             return
         medians = {clients: statistics.median(values) for clients, values in rates.items()}
-        summary = {"benchmark": "swarm_throughput_summary", "mode": args.throughput_mode, "rounds": args.rounds,
-                   "median_tokens_per_s": {str(clients): round(rate, 1) for clients, rate in medians.items()}}
+        summary = {
+            "benchmark": "swarm_throughput_summary",
+            "mode": args.throughput_mode,
+            "rounds": args.rounds,
+            "median_tokens_per_s": {str(clients): round(rate, 1) for clients, rate in medians.items()},
+        }
         if 1 in medians and max(medians) > 1:
             summary[f"ratio_{max(medians)}_to_1_clients"] = round(medians[max(medians)] / medians[1], 3)
         emit(summary)

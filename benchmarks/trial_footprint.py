@@ -1,7 +1,7 @@
 """Memory and start-up of a trial client (remote blocks) next to a process holding the whole model.
 
 Each measured process is a fresh interpreter that builds the SmolLM2-135M classifier the way a trial does
-(``ptune_search.trial.build_classifier``), runs one training step (batch 8 x 64 tokens, pre_seq_len 16) and
+(``ptune_search.search.trial.build_classifier``), runs one training step (batch 8 x 64 tokens, pre_seq_len 16) and
 reports its peak RSS and the time from interpreter start to the end of that step. Prints JSON lines.
 
     python benchmarks/trial_footprint.py [--model smollm2-135m] [--servers 2]
@@ -23,9 +23,9 @@ def measure(model: str, initial_peers: list[str]) -> dict:
     """Runs inside the measured process."""
     import torch
 
-    from ptune_search.ptune import PTuneConfig
-    from ptune_search.trial import build_classifier
-    from ptune_search.training import train_step, trainable_parameters
+    from ptune_search.models.ptune import PTuneConfig
+    from ptune_search.search.training import train_step, trainable_parameters
+    from ptune_search.search.trial import build_classifier
 
     torch.manual_seed(0)
     classifier = build_classifier(model, 5, 2, PTuneConfig(16, "ptune"), initial_peers or None)
@@ -72,12 +72,19 @@ def main() -> None:
     whole = {"process": "whole model (local blocks)", **run_measured_process(model, [])}
     print(json.dumps(whole), flush=True)
     with LocalSwarm(model, servers=args.servers) as swarm:
-        client = {"process": f"trial client ({args.servers}-server swarm)", **run_measured_process(model, swarm.initial_peers)}
+        client = {
+            "process": f"trial client ({args.servers}-server swarm)",
+            **run_measured_process(model, swarm.initial_peers),
+        }
     print(json.dumps(client), flush=True)
-    print(json.dumps({
-        "rss_ratio_client_over_whole": client["peak_rss_mib"] / whole["peak_rss_mib"],
-        "first_step_ratio_client_over_whole": client["start_to_first_step_s"] / whole["start_to_first_step_s"],
-    }))
+    print(
+        json.dumps(
+            {
+                "rss_ratio_client_over_whole": client["peak_rss_mib"] / whole["peak_rss_mib"],
+                "first_step_ratio_client_over_whole": client["start_to_first_step_s"] / whole["start_to_first_step_s"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,25 +38,32 @@ HEAD_MLFLOW_URI = "http://127.0.0.1:5000"
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="search_job.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="experiment config (YAML), e.g. experiments/tiny.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set budget.max_steps=20 (repeatable)")
-    parser.add_argument("--tracking-uri", default=HEAD_MLFLOW_URI,
-                        help=f"MLflow server on the head (default {HEAD_MLFLOW_URI})")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set budget.max_steps=20 (repeatable)",
+    )
+    parser.add_argument(
+        "--tracking-uri", default=HEAD_MLFLOW_URI, help=f"MLflow server on the head (default {HEAD_MLFLOW_URI})"
+    )
     parser.add_argument("--address", default="auto", help="the Ray cluster to join (default: auto, this node's)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search in its output_dir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from ptune_search.config import ConfigError, load_config
-    from ptune_search.search import run_search
+    from ptune_search.search.driver import run_search
 
     try:
         config_path = find_config(args.config)
         given = load_config(config_path, args.overrides, check_paths=False)
         # The head's MLflow server, unless the config or a --set names a store.
-        overrides = [] if names_tracking_uri(config_path, args.overrides) else [
-            f"mlflow.tracking_uri={args.tracking_uri}"
-        ]
+        overrides = (
+            [] if names_tracking_uri(config_path, args.overrides) else [f"mlflow.tracking_uri={args.tracking_uri}"]
+        )
         overrides += args.overrides
         if given.swarm.mode == "local":  # a managed swarm: on a cluster, its servers are Ray actors
             overrides.append("swarm.mode=ray")
@@ -67,8 +74,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         wait_for_mlflow(config.tracking_uri)
     prepare_model_on_every_node(config.model, args.address)
     outcome = run_search(config, address=args.address, resume=args.resume)
-    print(json.dumps({"best_trial": outcome.best_trial, "baseline_accuracy": outcome.baseline_accuracy,
-                      "parent_run_id": outcome.parent_run_id, "tracking_uri": config.tracking_uri}, default=str))
+    print(
+        json.dumps(
+            {
+                "best_trial": outcome.best_trial,
+                "baseline_accuracy": outcome.baseline_accuracy,
+                "parent_run_id": outcome.parent_run_id,
+                "tracking_uri": config.tracking_uri,
+            },
+            default=str,
+        )
+    )
 
 
 def find_config(name: str) -> Path:
@@ -121,8 +137,9 @@ def prepare_model_on_every_node(model: str, address: str) -> None:
     try:
         nodes = [node for node in ray.nodes() if node["Alive"]]
         refs = [
-            resolve_here.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-            .remote(model)
+            resolve_here.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
+                model
+            )
             for node in nodes
         ]
         paths = ray.get(refs)

@@ -1,5 +1,5 @@
 """Ray-distributed hyperparameter search for prompt tuning of LLMs whose blocks are served by a swarm."""
 
-from ptune_search.ptune import PTuneConfig, PTuneMixin
+from ptune_search.models.ptune import PTuneConfig, PTuneMixin
 
 __all__ = ["PTuneConfig", "PTuneMixin"]

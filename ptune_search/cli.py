@@ -9,8 +9,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from ptune_search.disk_space import OutputDiskFull
 from ptune_search.pretrained import PACKAGED_MODELS
+from ptune_search.search.disk_space import OutputDiskFull
 
 
 def _prepare_model(args: argparse.Namespace) -> None:
@@ -20,7 +20,7 @@ def _prepare_model(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from ptune_search.demo import DemoSettings, run_demo
+    from ptune_search.search.demo import DemoSettings, run_demo
 
     settings = DemoSettings(
         model=args.model, tuning_mode=args.tuning_mode, pre_seq_len=args.pre_seq_len, steps=args.steps, lr=args.lr
@@ -31,34 +31,61 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _search(args: argparse.Namespace) -> None:
     from ptune_search.config import load_config
-    from ptune_search.search import run_search
+    from ptune_search.search.driver import run_search
 
     config = load_config(args.config, args.overrides)
     outcome = run_search(config, address=args.address, resume=args.resume)
-    print(json.dumps({"best_trial": outcome.best_trial, "baseline_accuracy": outcome.baseline_accuracy,
-                      "parent_run_id": outcome.parent_run_id}, default=str))
+    print(
+        json.dumps(
+            {
+                "best_trial": outcome.best_trial,
+                "baseline_accuracy": outcome.baseline_accuracy,
+                "parent_run_id": outcome.parent_run_id,
+            },
+            default=str,
+        )
+    )
 
 
 def _export(args: argparse.Namespace) -> None:
-    from ptune_search.export import export_prompt
+    from ptune_search.prompts.export import export_prompt
 
     result = export_prompt(
-        args.tracking_uri, args.out, experiment=args.experiment, run_id=args.run_id, metric=args.metric,
-        mode=args.mode, overwrite=args.overwrite,
+        args.tracking_uri,
+        args.out,
+        experiment=args.experiment,
+        run_id=args.run_id,
+        metric=args.metric,
+        mode=args.mode,
+        overwrite=args.overwrite,
     )
     manifest = result.manifest
-    print(json.dumps({"out": str(result.folder), "source_run_id": manifest.source_run_id,
-                      "parent_run_id": manifest.parent_run_id, "tuning_mode": manifest.tuning_mode,
-                      "pre_seq_len": manifest.pre_seq_len, manifest.metric.name: manifest.metric.value}))
+    print(
+        json.dumps(
+            {
+                "out": str(result.folder),
+                "source_run_id": manifest.source_run_id,
+                "parent_run_id": manifest.parent_run_id,
+                "tuning_mode": manifest.tuning_mode,
+                "pre_seq_len": manifest.pre_seq_len,
+                manifest.metric.name: manifest.metric.value,
+            }
+        )
+    )
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from ptune_search.predict import PromptClassifier, format_prediction, read_texts
+    from ptune_search.prompts.predict import PromptClassifier, format_prediction, read_texts
 
     texts = args.text or read_texts(args.file)
     with PromptClassifier(
-        args.prompt, model_path=args.model, local_blocks=args.local_blocks, initial_peers=args.initial_peers,
-        peers_file=args.peers_file, dht_prefix=args.dht_prefix, batch_size=args.batch_size,
+        args.prompt,
+        model_path=args.model,
+        local_blocks=args.local_blocks,
+        initial_peers=args.initial_peers,
+        peers_file=args.peers_file,
+        dht_prefix=args.dht_prefix,
+        batch_size=args.batch_size,
     ) as classifier:
         for prediction in classifier.classify(texts):
             print(format_prediction(prediction, as_json=args.json), flush=True)
@@ -91,14 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="run the hyperparameter search an experiment config describes")
     search.add_argument("config", help="experiment config (YAML), e.g. experiments/smollm2_bbc_news.yaml")
-    search.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set budget.max_steps=20 (repeatable)")
+    search.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set budget.max_steps=20 (repeatable)",
+    )
     search.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto) instead of a private one")
     search.add_argument("--resume", action="store_true", help="continue an interrupted search in its output_dir")
     search.set_defaults(run=_search)
 
     export = commands.add_parser("export", help="write the best trial's prompt (or a named run's) to a folder")
-    export.add_argument("--tracking-uri", required=True, help="the search's MLflow store, e.g. sqlite:///runs/tiny/mlflow.db")
+    export.add_argument(
+        "--tracking-uri", required=True, help="the search's MLflow store, e.g. sqlite:///runs/tiny/mlflow.db"
+    )
     export.add_argument("--experiment", default=None, help="MLflow experiment; its latest search is used")
     export.add_argument("--run-id", default=None, help="export this trial run instead of the best one")
     export.add_argument("--metric", default="val_accuracy", help="final metric that ranks the FINISHED trials")
@@ -132,7 +167,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (ValueError, FileNotFoundError, ConnectionError, OutputDiskFull) as error:
         sys.exit(f"ptune-search {args.command}: error: {error}")
     except KeyboardInterrupt:
-        print(f"ptune-search {args.command}: interrupted; everything it started is stopped (a search continues with --resume)", file=sys.stderr)
+        print(
+            f"ptune-search {args.command}: interrupted; everything it started is stopped "
+            "(a search continues with --resume)",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
 

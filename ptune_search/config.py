@@ -25,8 +25,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationInfo
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 TABLE_EXTENSIONS = (".csv", ".jsonl")  # the task files data.py reads
 TUNING_MODES = ("ptune", "deep_ptune")
@@ -315,9 +325,7 @@ class ExperimentConfig(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def load_config(
-    path: str | Path, overrides: Sequence[str] = (), *, check_paths: bool = True
-) -> ExperimentConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_paths: bool = True) -> ExperimentConfig:
     """Read a YAML config, apply ``dotted.key=value`` overrides and validate; relative paths are taken from the cwd.
 
     ``check_paths=False`` skips the existence checks of the model and task files (not their validation).
@@ -386,9 +394,7 @@ class _ConfigLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -448,9 +454,9 @@ def _resolve_tracking_uri(uri: Optional[str], output_dir: Path, info: Validation
     if "\0" in uri:
         raise _Problem(("mlflow", "tracking_uri"), f"{_show(uri)} is not allowed: must not contain a NUL character")
     if uri.startswith("sqlite:///"):
-        if not uri[len("sqlite:///"):].strip():
+        if not uri[len("sqlite:///") :].strip():
             raise _Problem(("mlflow", "tracking_uri"), f"{_show(uri)} is not allowed: names no database file")
-        return f"sqlite:///{_absolute(uri[len('sqlite:///'):], info)}"
+        return f"sqlite:///{_absolute(uri[len('sqlite:///') :], info)}"
     if re.match(r"https?://", uri, re.IGNORECASE) and not _server_address(uri):
         raise _Problem(("mlflow", "tracking_uri"), f"{_show(uri)} is not allowed: names no valid server host and port")
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)

@@ -156,7 +156,6 @@ def test_repeated_tuning_mode() -> None:
     assert message == 'search_space.tuning_modes[1]: "ptune" is not allowed: repeats search_space.tuning_modes[0]'
 
 
-
 def test_missing_model_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"model": "/x/y"}, tmp_path)
@@ -209,7 +208,9 @@ def test_external_swarm_with_a_peer() -> None:
 
 
 def test_local_swarm_with_peers() -> None:
-    message = error_of("swarm.initial_peers=[/ip4/10.0.0.5/tcp/31337/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN]")
+    message = error_of(
+        "swarm.initial_peers=[/ip4/10.0.0.5/tcp/31337/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN]"
+    )
     assert message.startswith("swarm.initial_peers: [") and "must be empty when swarm.mode is 'local'" in message
 
 
@@ -322,6 +323,8 @@ def _dotted(path: tuple[str | int, ...]) -> str:
 
 TINY_DATA = yaml.safe_load(TINY.read_text())
 FIELD_PATHS = _paths(TINY_DATA)
+
+
 def _at(data: Any, path: tuple[str | int, ...]) -> Any:
     for key in path:
         data = data[key]

@@ -13,14 +13,14 @@ import torch
 from mlflow import MlflowClient
 
 from ptune_search.data import TaskSpec, load_examples
-from ptune_search.export import EXPORTED_TO_TAG, ExportResult, export_prompt
-from ptune_search.exported_prompt import HEAD_FILE, MANIFEST_FILE, PROMPT_FILE, ExportedPrompt
 from ptune_search.models import DistributedLlamaForSequenceClassification
 from ptune_search.models.fingerprint import model_fingerprint
-from ptune_search.predict import PromptClassifier, format_prediction
-from ptune_search.tiny_llama import make_tiny_llama
-from ptune_search.tracking import ROLE_TAG
-from ptune_search.training import evaluate
+from ptune_search.models.tiny_llama import make_tiny_llama
+from ptune_search.prompts.export import EXPORTED_TO_TAG, ExportResult, export_prompt
+from ptune_search.prompts.predict import PromptClassifier, format_prediction
+from ptune_search.prompts.prompt_folder import HEAD_FILE, MANIFEST_FILE, PROMPT_FILE, ExportedPrompt
+from ptune_search.search.tracking.records import ROLE_TAG
+from ptune_search.search.training import evaluate
 from tests.export.fake_stores import stalled_and_broken_store
 from tests.export.trial_replay import replay_final_evaluation, search_task
 from tests.search.search_process import REPO, TINY_CONFIG, SearchProcess
@@ -118,7 +118,10 @@ def test_load_prompt_fills_a_model_built_for_the_same_settings(exported: ExportR
         manifest.model_path, prompt=exported.folder, local_blocks=True
     )
     model = DistributedLlamaForSequenceClassification.from_pretrained(
-        manifest.model_path, local_blocks=True, tuning_mode=manifest.tuning_mode, pre_seq_len=manifest.pre_seq_len,
+        manifest.model_path,
+        local_blocks=True,
+        tuning_mode=manifest.tuning_mode,
+        pre_seq_len=manifest.pre_seq_len,
         num_labels=manifest.num_labels,
     )
     model.load_prompt(exported.folder)
@@ -173,8 +176,13 @@ def _cli_has(*commands: str) -> bool:
 def test_cli_exports_then_predicts_json_lines(tracking_uri: str, exported: ExportResult, tmp_path: Path):
     cli = [sys.executable, "-m", "ptune_search.cli"]
     out = tmp_path / "cli-best"
-    done = subprocess.run([*cli, "export", "--tracking-uri", tracking_uri, "--experiment", "tiny", "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    done = subprocess.run(
+        [*cli, "export", "--tracking-uri", tracking_uri, "--experiment", "tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["source_run_id"] == exported.manifest.source_run_id
     texts_file = tmp_path / "texts.txt"
@@ -199,7 +207,7 @@ def test_a_missing_prompt_folder_is_refused(tmp_path: Path, exported: ExportResu
 
 @pytest.mark.parametrize("manifest_updated", [False, True], ids=["as-exported", "manifest-rehashed"])
 def test_a_truncated_safetensors_file_is_refused(prompt_copy: Path, manifest_updated: bool):
-    from ptune_search.exported_prompt import file_sha256
+    from ptune_search.prompts.prompt_folder import file_sha256
 
     prompt_file = prompt_copy / PROMPT_FILE
     prompt_file.write_bytes(prompt_file.read_bytes()[: prompt_file.stat().st_size // 2])
@@ -232,8 +240,11 @@ def test_a_manifest_naming_another_model_is_refused(prompt_copy: Path, exported:
     manifest["model_fingerprint"] = "sha256:" + "0" * 64
     (prompt_copy / MANIFEST_FILE).write_text(json.dumps(manifest))
     model = DistributedLlamaForSequenceClassification.from_pretrained(
-        exported.manifest.model_path, local_blocks=True, tuning_mode=exported.manifest.tuning_mode,
-        pre_seq_len=exported.manifest.pre_seq_len, num_labels=exported.manifest.num_labels,
+        exported.manifest.model_path,
+        local_blocks=True,
+        tuning_mode=exported.manifest.tuning_mode,
+        pre_seq_len=exported.manifest.pre_seq_len,
+        num_labels=exported.manifest.num_labels,
     )
     with pytest.raises(ValueError, match="with fingerprint sha256:0{64}, but checkpoint .* has fingerprint"):
         model.load_prompt(prompt_copy)
@@ -243,7 +254,10 @@ def test_a_prompt_for_another_tuning_mode_is_refused(exported: ExportResult):
     manifest = exported.manifest
     other_mode = "ptune" if manifest.tuning_mode == "deep_ptune" else "deep_ptune"
     model = DistributedLlamaForSequenceClassification.from_pretrained(
-        manifest.model_path, local_blocks=True, tuning_mode=other_mode, pre_seq_len=manifest.pre_seq_len,
+        manifest.model_path,
+        local_blocks=True,
+        tuning_mode=other_mode,
+        pre_seq_len=manifest.pre_seq_len,
         num_labels=manifest.num_labels,
     )
     refusal = f"has tuning_mode='{manifest.tuning_mode}'.*built with tuning_mode='{other_mode}'"

@@ -68,7 +68,9 @@ def deep_ptune_reference(reference: LlamaForCausalLM, ids, prompts, intermediate
     for layer_index, layer in enumerate(base.layers):
         rows = intermediate[:, layer_index * pre_seq_len : (layer_index + 1) * pre_seq_len]
         hidden = torch.cat([hidden[:, :pre_seq_len] + rows, hidden[:, pre_seq_len:]], dim=1)
-        hidden = layer(hidden, attention_mask=causal, position_ids=position_ids, position_embeddings=position_embeddings)
+        hidden = layer(
+            hidden, attention_mask=causal, position_ids=position_ids, position_embeddings=position_embeddings
+        )
     return reference.lm_head(base.norm(hidden))[:, pre_seq_len:]
 
 
@@ -77,7 +79,9 @@ def test_deep_ptune_outputs_and_prompt_grads_equal_a_layer_loop_reference(tiny_m
     reference = LlamaForCausalLM.from_pretrained(tiny_model_path, attn_implementation="eager")
     model = distributed_lm(tiny_model_path, "deep_ptune", pre_seq_len)
     ids = token_batch()
-    weights = torch.randn(ids.shape[0], ids.shape[1], reference.config.vocab_size, generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(
+        ids.shape[0], ids.shape[1], reference.config.vocab_size, generator=torch.Generator().manual_seed(2)
+    )
 
     logits = model(ids).logits
     (logits * weights).sum().backward()

@@ -1,6 +1,6 @@
 """Model families whose transformer blocks run in-process or on a swarm of block servers."""
 
-from ptune_search.models.llama import (
+from ptune_search.models.llama.model import (
     DistributedLlamaConfig,
     DistributedLlamaForCausalLM,
     DistributedLlamaForSequenceClassification,

@@ -43,7 +43,9 @@ def add_swarm_arguments(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=0)
     serve.add_argument("--info-file", help="once online, write the server's peer id and addresses here (JSON)")
-    serve.add_argument("--compute-lock", help="lock-file prefix shared by the servers of this machine: they share its cores")
+    serve.add_argument(
+        "--compute-lock", help="lock-file prefix shared by the servers of this machine: they share its cores"
+    )
 
     local = subparsers.add_parser("local", help="a bootstrap peer plus N block servers on 127.0.0.1")
     local.add_argument("--model", required=True)
@@ -52,7 +54,9 @@ def add_swarm_arguments(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("--peers-file", required=True, help="written once every block is online")
     local.add_argument("--log-dir", help="server logs (default: a new temporary folder)")
     local.add_argument(
-        "--no-share-cores", dest="share_cores", action="store_false",
+        "--no-share-cores",
+        dest="share_cores",
+        action="store_false",
         help="let the servers use all cores each, at the same time (by default they share this machine's cores)",
     )
     _add_server_options(local)

@@ -116,12 +116,12 @@ def run_block_server(
 
     Once online, the server writes ``{"peer_id", "maddrs", "start", "end", "pid"}`` as JSON to ``info_file``.
     Servers on one machine given the same ``compute_lock`` prefix share its cores instead of oversubscribing
-    them (see :class:`~ptune_search.swarm.host_cores.HostCores`).
+    them (see :class:`~ptune_search.swarm.server.host_cores.HostCores`).
     """
     import torch
 
     from ptune_search.swarm.protocol import RequestLimits
-    from ptune_search.swarm.server import BlockServer, ServerSettings
+    from ptune_search.swarm.server.block_server import BlockServer, ServerSettings
 
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16 (got {dtype!r})")
@@ -211,10 +211,11 @@ class LocalSwarm:
     Once started, :attr:`initial_peers` lists the bootstrap peer and every server: all are DHT peers, so
     clients and new servers join through any of them that is alive, also after the bootstrap peer died.
 
-    With ``servers=0`` only the bootstrap peer starts; add servers with :meth:`start_server`. The blocks are split into ``servers // replicas`` spans and each span is served by ``replicas`` servers,
-    so ``servers`` must be a multiple of ``replicas``. ``server_args`` are extra ``swarm serve`` options
+    With ``servers=0`` only the bootstrap peer starts; add servers with :meth:`start_server`. The blocks are
+    split into ``servers // replicas`` spans and each span is served by ``replicas`` servers, so ``servers``
+    must be a multiple of ``replicas``. ``server_args`` are extra ``swarm serve`` options
     (e.g. ``["--record-ttl", "4"]``). Children die with this process's thread that started them. With
-    ``share_cores`` (default) the servers take turns on the machine's cores (see HostComputeLock).
+    ``share_cores`` (default) the servers share the machine's cores (see ``server/host_cores.py``).
     """
 
     def __init__(
@@ -274,7 +275,7 @@ class LocalSwarm:
             peers_file.unlink(missing_ok=True)
             self.bootstrap = self._spawn("bootstrap", ["dht", "--peers-file", str(peers_file)])
             deadline = time.monotonic() + timeout
-            for copy in range(self.replicas):  # servers start importing now and wait for the peers file
+            for _replica in range(self.replicas):  # servers start importing now and wait for the peers file
                 for start, end in self.spans:
                     self.start_server(start, end, peers_file=peers_file)
             while not peers_file.exists():
@@ -331,9 +332,9 @@ class LocalSwarm:
         self, replicas: int = 1, timeout: float = 300.0, blocks: Optional[tuple[int, int]] = None
     ) -> None:
         """Wait until every block (or blocks ``start..end-1``) has at least ``replicas`` online servers."""
-        from ptune_search.swarm.connection import SwarmConnection
+        from ptune_search.swarm.client.connection import SwarmConnection
+        from ptune_search.swarm.client.routing import fetch_block_records
         from ptune_search.swarm.protocol import ServerState, block_uids
-        from ptune_search.swarm.routing import fetch_block_records
 
         uids = block_uids(self.prefix, *(blocks or (0, self.num_blocks)))
         deadline = time.monotonic() + timeout
@@ -361,7 +362,8 @@ class LocalSwarm:
         for child in [self.bootstrap, *self.servers]:
             if child is not None and not child.alive() and not child.expected_exit:
                 raise RuntimeError(
-                    f"{child.name} exited with code {child.process.returncode}; log {child.log_path}:\n{child.log_tail()}"
+                    f"{child.name} exited with code {child.process.returncode}; "
+                    f"log {child.log_path}:\n{child.log_tail()}"
                 )
 
     def dead_children(self) -> list[ChildProcess]:
@@ -444,8 +446,15 @@ def run_local_swarm(
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     swarm = LocalSwarm(
-        model, servers, replicas, dht_prefix=dht_prefix, dtype=dtype, num_threads=num_threads,
-        server_args=server_args, log_dir=log_dir, share_cores=share_cores,
+        model,
+        servers,
+        replicas,
+        dht_prefix=dht_prefix,
+        dtype=dtype,
+        num_threads=num_threads,
+        server_args=server_args,
+        log_dir=log_dir,
+        share_cores=share_cores,
     )
     try:
         try:

@@ -157,8 +157,12 @@ class ServerRecord:
             raise ValueError(f"malformed server record: {e}") from None
         if not (_is_int(start) and _is_int(end) and 0 <= start < end <= MAX_BLOCK_INDEX + 1):
             raise ValueError(f"malformed span in server record: {str(start)[:40]}:{str(end)[:40]}")
-        if not (isinstance(throughput, (int, float)) and not isinstance(throughput, bool)
-                and math.isfinite(throughput) and throughput >= 0):
+        if not (
+            isinstance(throughput, (int, float))
+            and not isinstance(throughput, bool)
+            and math.isfinite(throughput)
+            and throughput >= 0
+        ):
             raise ValueError(f"malformed throughput in server record: {str(throughput)[:40]}")
         if dtype not in RECORD_DTYPES or not isinstance(version, str):
             raise ValueError(f"malformed dtype or version in server record: {str(dtype)[:40]}, {str(version)[:40]}")
@@ -250,13 +254,17 @@ class BlockService(ServicerBase):
             name = self._get_handle_name(namespace, handler.method_name)
             method = getattr(servicer, handler.method_name)
             if handler.stream_input:
-                registrations.append(add_bounded_stream_handler(
-                    p2p, name, method, handler.request_type, MAX_STREAM_MESSAGE_BYTES, balanced=balanced
-                ))
+                registrations.append(
+                    add_bounded_stream_handler(
+                        p2p, name, method, handler.request_type, MAX_STREAM_MESSAGE_BYTES, balanced=balanced
+                    )
+                )
             else:
-                registrations.append(p2p.add_protobuf_handler(
-                    name, method, handler.request_type, stream_output=handler.stream_output, balanced=balanced
-                ))
+                registrations.append(
+                    p2p.add_protobuf_handler(
+                        name, method, handler.request_type, stream_output=handler.stream_output, balanced=balanced
+                    )
+                )
         await asyncio.gather(*registrations)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:

@@ -166,7 +166,9 @@ def request_messages(
     first = True
     for tensor in tensors:
         for part in split_tensor(tensor, chunk_bytes):
-            yield runtime_pb2.ExpertRequest(uid=uid if first else "", tensors=[part], metadata=metadata if first else b"")
+            yield runtime_pb2.ExpertRequest(
+                uid=uid if first else "", tensors=[part], metadata=metadata if first else b""
+            )
             first = False
     if first:  # no tensors at all
         yield runtime_pb2.ExpertRequest(uid=uid, metadata=metadata)

@@ -117,10 +117,31 @@ class LoopbackHead:
         """Run ``command`` on the head the way Ray's SSH command runner does (login shell, ~/.bashrc)."""
         wrapped = f"source ~/.bashrc; export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore && ({command})"
         return subprocess.run(
-            ["ssh", "-i", str(self.key), "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
-             "-o", f"UserKnownHostsFile={os.devnull}", "-o", f"ProxyCommand={self.proxy_command}",
-             "-o", "BatchMode=yes", f"{self.user}@127.0.0.1", "bash", "--login", "-c", "-i", _quote(wrapped)],
-            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            [
+                "ssh",
+                "-i",
+                str(self.key),
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                f"UserKnownHostsFile={os.devnull}",
+                "-o",
+                f"ProxyCommand={self.proxy_command}",
+                "-o",
+                "BatchMode=yes",
+                f"{self.user}@127.0.0.1",
+                "bash",
+                "--login",
+                "-c",
+                "-i",
+                _quote(wrapped),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
 
     @property
@@ -142,7 +163,9 @@ class LoopbackHead:
         config["cluster_name"] = cluster_name
         config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
         config["auth"] = {
-            "ssh_user": self.user, "ssh_private_key": str(self.key), "ssh_proxy_command": self.proxy_command
+            "ssh_user": self.user,
+            "ssh_private_key": str(self.key),
+            "ssh_proxy_command": self.proxy_command,
         }
         ray_ports = (
             f"--port={self.gcs_port} --node-ip-address=127.0.0.1 --dashboard-port={self.dashboard_port} "
@@ -150,7 +173,8 @@ class LoopbackHead:
         )
         config["head_start_ray_commands"] = [
             _replace_once(_replace_once(command, "--port=6379", ray_ports), "--port 5000", f"--port {self.mlflow_port}")
-            if ("--port=6379" in command or "--port 5000" in command) else command
+            if ("--port=6379" in command or "--port 5000" in command)
+            else command
             for command in config["head_start_ray_commands"]
         ]
         joined = "\n".join(config["head_start_ray_commands"])

@@ -19,13 +19,22 @@ SUPERVISOR = Path(__file__).with_name("supervisor.py")
 class Supervised:
     """A long-running command (sshd, a Ray head) under ``supervisor.py serve``; :meth:`stop` ends it all."""
 
-    def __init__(self, command: Sequence[str], log_path: Path, env: Optional[Mapping[str, str]] = None,
-                 cwd: Optional[Path] = None):
+    def __init__(
+        self,
+        command: Sequence[str],
+        log_path: Path,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[Path] = None,
+    ):
         self.log_path = log_path
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, str(SUPERVISOR), "serve", "--", *command],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
                 start_new_session=True,
             )
 
@@ -53,15 +62,26 @@ class Supervised:
         return self.log_path.read_text(errors="replace")
 
 
-def run_supervised(command: Sequence[str], log_path: Path, *, env: Optional[Mapping[str, str]] = None,
-                   cwd: Optional[Path] = None, timeout: float = 600.0) -> int:
+def run_supervised(
+    command: Sequence[str],
+    log_path: Path,
+    *,
+    env: Optional[Mapping[str, str]] = None,
+    cwd: Optional[Path] = None,
+    timeout: float = 600.0,
+) -> int:
     """Run ``command`` to its end (``supervisor.py run``): what it leaves running (ssh masters) is stopped too."""
     with open(log_path, "ab") as log:
         log.write(f"\n$ {' '.join(command)}\n".encode())
         log.flush()
         process = subprocess.Popen(
             [sys.executable, str(SUPERVISOR), "run", "--", *command],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
         )
         try:
             return process.wait(timeout)

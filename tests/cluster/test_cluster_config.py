@@ -46,5 +46,11 @@ def test_a_misspelled_key_is_refused(path, misspelled):
 
 def test_ray_swarm_mode_refuses_initial_peers():
     with pytest.raises(ConfigError, match=r"swarm.initial_peers: .* must be empty when swarm.mode is 'ray'"):
-        load_config(REPO / "experiments" / "tiny.yaml",
-                    ["swarm.mode=ray", "swarm.initial_peers=[/ip4/127.0.0.1/tcp/1/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN]"], check_paths=False)
+        load_config(
+            REPO / "experiments" / "tiny.yaml",
+            [
+                "swarm.mode=ray",
+                "swarm.initial_peers=[/ip4/127.0.0.1/tcp/1/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN]",
+            ],
+            check_paths=False,
+        )

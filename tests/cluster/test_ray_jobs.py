@@ -32,16 +32,32 @@ class PrivateHead:
         token = root / "auth_token"
         token.write_text(uuid.uuid4().hex)  # what `ray get-auth-token --generate` writes
         self.env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=str(root),
-                        RAY_USAGE_STATS_ENABLED="0", PTUNE_SWARM_HOST="127.0.0.1")
+        self.env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(token),
+            RAY_TMPDIR=str(root),
+            RAY_USAGE_STATS_ENABLED="0",
+            PTUNE_SWARM_HOST="127.0.0.1",
+        )
         # The job's `ptune-search` is this Python's (the head's environment is this test's).
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
         self.process = Supervised(
-            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={self.gcs_port}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-             f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-             '--resources={"swarm_host": 2}'],
-            root / "head.log", env=self.env,
+            [
+                sys.executable,
+                "-m",
+                "ray.scripts.scripts",
+                "start",
+                "--head",
+                "--block",
+                f"--port={self.gcs_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--dashboard-agent-listen-port={agent}",
+                f"--ray-client-server-port={client}",
+                '--resources={"swarm_host": 2}',
+            ],
+            root / "head.log",
+            env=self.env,
         )
 
     @property
@@ -49,8 +65,13 @@ class PrivateHead:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def ray(self, *args: str, timeout: float) -> int:
-        return run_supervised([sys.executable, "-m", "ray.scripts.scripts", *args], self.root / "client.log",
-                              env=self.env, cwd=REPO, timeout=timeout)
+        return run_supervised(
+            [sys.executable, "-m", "ray.scripts.scripts", *args],
+            self.root / "client.log",
+            env=self.env,
+            cwd=REPO,
+            timeout=timeout,
+        )
 
     def wait_until_up(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -78,9 +99,25 @@ def head():
 def test_ray_job_runs_the_search_and_its_trials_are_in_mlflow(head):
     output = head.root / "search"
     submitted = head.ray(
-        "job", "submit", "--address", head.address, "--working-dir", ".", "--submission-id", "tiny-search", "--",
-        "ptune-search", "search", "experiments/tiny.yaml", "--address", "auto",
-        "--set", "swarm.mode=ray", "--set", f"output_dir={output}", timeout=900,
+        "job",
+        "submit",
+        "--address",
+        head.address,
+        "--working-dir",
+        ".",
+        "--submission-id",
+        "tiny-search",
+        "--",
+        "ptune-search",
+        "search",
+        "experiments/tiny.yaml",
+        "--address",
+        "auto",
+        "--set",
+        "swarm.mode=ray",
+        "--set",
+        f"output_dir={output}",
+        timeout=900,
     )
     assert submitted == 0, head.log()  # `ray job submit` waits for the job and exits 1 if it failed
     assert "Job 'tiny-search' succeeded" in head.log()
@@ -96,10 +133,26 @@ def test_ray_job_runs_the_search_and_its_trials_are_in_mlflow(head):
 
 def test_more_servers_than_swarm_host_slots_is_refused_before_any_starts(head, tmp_path):
     search = subprocess.run(
-        [sys.executable, "-m", "ptune_search.cli", "search", "experiments/tiny.yaml", "--address",
-         f"127.0.0.1:{head.gcs_port}", "--set", "swarm.mode=ray", "--set", "swarm.servers=4",
-         "--set", f"output_dir={tmp_path / 'search'}"],
-        env=head.env, cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "ptune_search.cli",
+            "search",
+            "experiments/tiny.yaml",
+            "--address",
+            f"127.0.0.1:{head.gcs_port}",
+            "--set",
+            "swarm.mode=ray",
+            "--set",
+            "swarm.servers=4",
+            "--set",
+            f"output_dir={tmp_path / 'search'}",
+        ],
+        env=head.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert search.returncode != 0
     assert "swarm.servers is 4 but the Ray cluster has 2 'swarm_host' slots" in search.stderr, search.stderr[-3000:]

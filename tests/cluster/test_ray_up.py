@@ -43,8 +43,13 @@ def ray_cli(head: LoopbackHead, *args: str, timeout: float) -> int:
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     env.update(HOME=str(client), TMPDIR=str(client / "tmp"), RAY_TMPDIR=str(client / "tmp"))
     env.update(RAY_USAGE_STATS_ENABLED="0")
-    return run_supervised([sys.executable, "-m", "ray.scripts.scripts", *args], head.root / "client.log",
-                          env=env, cwd=REPO, timeout=timeout)
+    return run_supervised(
+        [sys.executable, "-m", "ray.scripts.scripts", *args],
+        head.root / "client.log",
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 def test_ray_up_submit_down_records_the_search_in_the_heads_mlflow(loopback_head):
@@ -64,14 +69,35 @@ def test_ray_up_submit_down_records_the_search_in_the_heads_mlflow(loopback_head
 
     assert ray_cli(head, "up", str(config), "-y", timeout=600) == 0, log()
     assert (head.home / ".ray" / "auth_token").read_text() == token.read_text()
-    submitted = ray_cli(head, "submit", str(config), str(REPO / "experiments" / "search_job.py"), "--",
-                        "experiments/tiny.yaml", "--tracking-uri", head.mlflow_uri, timeout=900)
+    submitted = ray_cli(
+        head,
+        "submit",
+        str(config),
+        str(REPO / "experiments" / "search_job.py"),
+        "--",
+        "experiments/tiny.yaml",
+        "--tracking-uri",
+        head.mlflow_uri,
+        timeout=900,
+    )
     assert submitted == 0, log()
     # The best prompt comes back through the head's MLflow server (reached here without a tunnel: same machine).
     exported = subprocess.run(
-        [sys.executable, "-m", "ptune_search.cli", "export", "--tracking-uri", head.mlflow_uri, "--experiment", "tiny",
-         "--out", str(head.root / "best-prompt")],
-        env=dict(os.environ, PTUNE_SEARCH_CACHE=str(head.root / "client" / "cache")), capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ptune_search.cli",
+            "export",
+            "--tracking-uri",
+            head.mlflow_uri,
+            "--experiment",
+            "tiny",
+            "--out",
+            str(head.root / "best-prompt"),
+        ],
+        env=dict(os.environ, PTUNE_SEARCH_CACHE=str(head.root / "client" / "cache")),
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert exported.returncode == 0, exported.stderr[-3000:]

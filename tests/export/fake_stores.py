@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from ptune_search.tracking import ROLE_TAG
+from ptune_search.search.tracking.records import ROLE_TAG
 
 
 def stalled_and_broken_store(folder: Path, config_yaml: Path, prompt_files: dict[str, Path]) -> str:

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 
 from ptune_search.data import TaskData, TaskSpec, load_task
 from ptune_search.pretrained import resolve_model
-from ptune_search.training import Evaluation, evaluate
-from ptune_search.trial import build_classifier, ptune_config_of
+from ptune_search.search.training import Evaluation, evaluate
+from ptune_search.search.trial import build_classifier, ptune_config_of
 
 
 def search_task(client: MlflowClient, parent_run_id: str, scratch: Path) -> tuple[Path, TaskData, dict]:
@@ -23,8 +23,12 @@ def search_task(client: MlflowClient, parent_run_id: str, scratch: Path) -> tupl
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     task = config["task"]
     data = load_task(
-        TaskSpec(task["name"], task["text_column"], task["label_column"]), tokenizer, task["max_length"],
-        task["train_size"], task["validation_size"], config["seed"],
+        TaskSpec(task["name"], task["text_column"], task["label_column"]),
+        tokenizer,
+        task["max_length"],
+        task["train_size"],
+        task["validation_size"],
+        config["seed"],
     )
     return model_path, data, config
 
@@ -33,8 +37,10 @@ def replay_final_evaluation(client: MlflowClient, run_id: str, scratch: Path) ->
     """Local blocks, the run's logged prompt and head, ``training.evaluate`` on the validation split."""
     run = client.get_run(run_id)
     model_path, data, config = search_task(client, run.data.tags["mlflow.parentRunId"], scratch)
-    files = {name: Path(client.download_artifacts(run_id, name, str(scratch)))
-             for name in ("prompt.safetensors", "head.safetensors", "ptune_config.json")}
+    files = {
+        name: Path(client.download_artifacts(run_id, name, str(scratch)))
+        for name in ("prompt.safetensors", "head.safetensors", "ptune_config.json")
+    }
     ptune = ptune_config_of(json.loads(files["ptune_config.json"].read_text()))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = build_classifier(str(model_path), data.num_labels, tokenizer.pad_token_id, ptune, None)

@@ -9,7 +9,7 @@ from fuzz_requests import NUM_BLOCKS, Expect, FuzzCase, SpanInputs
 from fuzz_sending import Outcome
 from transformers import AutoConfig
 
-from ptune_search.models.llama_blocks import LlamaBlockSpan, run_llama_span
+from ptune_search.models.llama.blocks import LlamaBlockSpan, run_llama_span
 from ptune_search.swarm.protocol import ErrorKind
 
 REFUSAL_KINDS = (ErrorKind.BAD_REQUEST, ErrorKind.UNKNOWN_BLOCK)

@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 
 import msgpack
 import torch
-from hypothesis import strategies as st
 from hivemind.proto import runtime_pb2
+from hypothesis import strategies as st
 
 from ptune_search.swarm.protocol import MAX_METADATA_BYTES, MAX_STREAM_MESSAGE_BYTES, pack_metadata, span_uid
 from ptune_search.swarm.wire import CHUNK_BYTES, WIRE_DTYPES, request_messages, serialize_tensor, split_tensor
@@ -200,37 +200,106 @@ NOT_BOOL = PACKABLE_INTS | st.text(max_size=5) | st.none() | st.floats()
 DIGITLESS = st.characters(exclude_categories=("Nd",))
 
 MUTATIONS: dict[str, Mutation] = {
-    "hidden dtype": _tensor_mutation(lambda i, d: _replace(i, hidden=i.hidden.to(d(st.sampled_from(
-        FLOAT_DTYPES + INT_DTYPES))))),
+    "hidden dtype": _tensor_mutation(
+        lambda i, d: _replace(i, hidden=i.hidden.to(d(st.sampled_from(FLOAT_DTYPES + INT_DTYPES))))
+    ),
     "hidden size": _tensor_mutation(lambda i, d: _replace(i, hidden=_other_last_dim(i.hidden, d))),
-    "hidden rank": _tensor_mutation(lambda i, d: _replace(i, hidden=d(st.sampled_from(
-        [i.hidden.reshape(-1, HIDDEN), i.hidden.unsqueeze(0), i.hidden[..., None]])))),
+    "hidden rank": _tensor_mutation(
+        lambda i, d: _replace(
+            i, hidden=d(st.sampled_from([i.hidden.reshape(-1, HIDDEN), i.hidden.unsqueeze(0), i.hidden[..., None]]))
+        )
+    ),
     "hidden not finite": _tensor_mutation(lambda i, d: _replace(i, hidden=_poison(i.hidden, d))),
     "hidden empty": _tensor_mutation(lambda i, d: _replace(i, hidden=i.hidden[:, :0], mask=i.mask[:, :0])),
-    "mask float": _tensor_mutation(lambda i, d: _replace(i, mask=i.mask.to(d(st.sampled_from(FLOAT_DTYPES + [
-        torch.float32]))))),
-    "mask value": _tensor_mutation(lambda i, d: _replace(i, mask=_set_one(i.mask.long(), d(st.sampled_from(
-        [2, -1, 255, 7, 2**40])), d))),
-    "mask shape": _tensor_mutation(lambda i, d: _replace(i, mask=d(st.sampled_from(
-        [i.mask[:, 1:], torch.cat([i.mask, i.mask[:, :1]], 1), i.mask[None], i.mask.reshape(-1), i.mask.t()]))
-        ) if i.mask.shape[0] != i.mask.shape[1] else None),
-    "prompts dtype": _tensor_mutation(lambda i, d: None if i.prompts is None else _replace(
-        i, prompts=i.prompts.to(d(st.sampled_from([torch.float64, torch.float16, torch.bfloat16, torch.int64]))))),
-    "prompts shape": _tensor_mutation(lambda i, d: None if i.prompts is None else _replace(
-        i, prompts=d(st.sampled_from([i.prompts[:, 1:], _other_last_dim(i.prompts, d), i.prompts[0],
-                                      i.prompts[:1].expand(i.hidden.shape[0] + 1, -1, -1)])))),
-    "prompts not finite": _tensor_mutation(lambda i, d: None if i.prompts is None else _replace(
-        i, prompts=_poison(i.prompts, d))),
-    "grad shape": _tensor_mutation(lambda i, d: None if i.grad_outputs is None else _replace(
-        i, grad_outputs=d(st.sampled_from([torch.cat([i.grad_outputs] * 2), i.grad_outputs[..., :5],
-                                           torch.cat([i.grad_outputs] * 2, 1)])))),
-    "grad dtype": _tensor_mutation(lambda i, d: None if i.grad_outputs is None else _replace(
-        i, grad_outputs=i.grad_outputs.to(d(st.sampled_from(FLOAT_DTYPES + INT_DTYPES))))),
-    "grad not finite": _tensor_mutation(lambda i, d: None if i.grad_outputs is None else _replace(
-        i, grad_outputs=_poison(i.grad_outputs, d))),
-    "too many tokens": _tensor_mutation(lambda i, d: _replace(
-        i, hidden=torch.zeros(1, 513, HIDDEN), mask=torch.ones(1, 513, dtype=torch.long),
-        grad_outputs=None if i.grad_outputs is None else torch.zeros(1, 513, HIDDEN))),
+    "mask float": _tensor_mutation(
+        lambda i, d: _replace(i, mask=i.mask.to(d(st.sampled_from(FLOAT_DTYPES + [torch.float32]))))
+    ),
+    "mask value": _tensor_mutation(
+        lambda i, d: _replace(i, mask=_set_one(i.mask.long(), d(st.sampled_from([2, -1, 255, 7, 2**40])), d))
+    ),
+    "mask shape": _tensor_mutation(
+        lambda i, d: (
+            _replace(
+                i,
+                mask=d(
+                    st.sampled_from(
+                        [
+                            i.mask[:, 1:],
+                            torch.cat([i.mask, i.mask[:, :1]], 1),
+                            i.mask[None],
+                            i.mask.reshape(-1),
+                            i.mask.t(),
+                        ]
+                    )
+                ),
+            )
+            if i.mask.shape[0] != i.mask.shape[1]
+            else None
+        )
+    ),
+    "prompts dtype": _tensor_mutation(
+        lambda i, d: (
+            None
+            if i.prompts is None
+            else _replace(
+                i, prompts=i.prompts.to(d(st.sampled_from([torch.float64, torch.float16, torch.bfloat16, torch.int64])))
+            )
+        )
+    ),
+    "prompts shape": _tensor_mutation(
+        lambda i, d: (
+            None
+            if i.prompts is None
+            else _replace(
+                i,
+                prompts=d(
+                    st.sampled_from(
+                        [
+                            i.prompts[:, 1:],
+                            _other_last_dim(i.prompts, d),
+                            i.prompts[0],
+                            i.prompts[:1].expand(i.hidden.shape[0] + 1, -1, -1),
+                        ]
+                    )
+                ),
+            )
+        )
+    ),
+    "prompts not finite": _tensor_mutation(
+        lambda i, d: None if i.prompts is None else _replace(i, prompts=_poison(i.prompts, d))
+    ),
+    "grad shape": _tensor_mutation(
+        lambda i, d: (
+            None
+            if i.grad_outputs is None
+            else _replace(
+                i,
+                grad_outputs=d(
+                    st.sampled_from(
+                        [torch.cat([i.grad_outputs] * 2), i.grad_outputs[..., :5], torch.cat([i.grad_outputs] * 2, 1)]
+                    )
+                ),
+            )
+        )
+    ),
+    "grad dtype": _tensor_mutation(
+        lambda i, d: (
+            None
+            if i.grad_outputs is None
+            else _replace(i, grad_outputs=i.grad_outputs.to(d(st.sampled_from(FLOAT_DTYPES + INT_DTYPES))))
+        )
+    ),
+    "grad not finite": _tensor_mutation(
+        lambda i, d: None if i.grad_outputs is None else _replace(i, grad_outputs=_poison(i.grad_outputs, d))
+    ),
+    "too many tokens": _tensor_mutation(
+        lambda i, d: _replace(
+            i,
+            hidden=torch.zeros(1, 513, HIDDEN),
+            mask=torch.ones(1, 513, dtype=torch.long),
+            grad_outputs=None if i.grad_outputs is None else torch.zeros(1, 513, HIDDEN),
+        )
+    ),
     "tensor dropped": _drop_tensor,
     "tensor added": _add_tensor,
     "tensors swapped": _swap_tensors,
@@ -240,12 +309,19 @@ MUTATIONS: dict[str, Mutation] = {
     "request_id type": _metadata_mutation(_with("request_id", NOT_STR)),
     "request_id length": _metadata_mutation(_with("request_id", st.just("") | st.text(min_size=129, max_size=300))),
     "keep type": _metadata_mutation(_with("keep", NOT_BOOL)),
-    "uid of another model": _uid_mutation(lambda i, d: span_uid(d(st.text(DIGITLESS, min_size=1, max_size=20).filter(
-        lambda p: p != PREFIX and " " not in p)), i.start, i.end)),
-    "uid beyond the blocks": _uid_mutation(lambda i, d: span_uid(PREFIX, i.start, d(st.integers(
-        NUM_BLOCKS + 1, NUM_BLOCKS + 50)))),
-    "uid not consecutive": _uid_mutation(lambda i, d: " ".join(
-        d(st.permutations(i.uid.split(" ") + [f"{PREFIX}.{i.start}"])))),
+    "uid of another model": _uid_mutation(
+        lambda i, d: span_uid(
+            d(st.text(DIGITLESS, min_size=1, max_size=20).filter(lambda p: p != PREFIX and " " not in p)),
+            i.start,
+            i.end,
+        )
+    ),
+    "uid beyond the blocks": _uid_mutation(
+        lambda i, d: span_uid(PREFIX, i.start, d(st.integers(NUM_BLOCKS + 1, NUM_BLOCKS + 50)))
+    ),
+    "uid not consecutive": _uid_mutation(
+        lambda i, d: " ".join(d(st.permutations(i.uid.split(" ") + [f"{PREFIX}.{i.start}"])))
+    ),
     "uid text": _uid_mutation(lambda i, d: d(st.text(DIGITLESS, max_size=300))),
     "uid long": _uid_mutation(lambda i, d: " ".join([f"{PREFIX}.{n}" for n in range(d(st.integers(5, 4000)))])),
 }
@@ -277,16 +353,31 @@ def wire_mutations(draw: st.DrawFn) -> FuzzCase:
     inputs = draw(span_inputs())
     serialized = [serialize_tensor(t) for t in inputs.tensors()]
     target = serialized[draw(st.integers(0, len(serialized) - 1))]
-    label = draw(st.sampled_from(["buffer truncated", "buffer extended", "dtype name", "compression", "sizes",
-                                  "empty with huge sizes", "raw sizes", "garbage floats"]))
+    label = draw(
+        st.sampled_from(
+            [
+                "buffer truncated",
+                "buffer extended",
+                "dtype name",
+                "compression",
+                "sizes",
+                "empty with huge sizes",
+                "raw sizes",
+                "garbage floats",
+            ]
+        )
+    )
     raw_sizes = None
     if label == "buffer truncated":
         target.buffer = target.buffer[: draw(st.integers(0, len(target.buffer) - 1))]
     elif label == "buffer extended":
         target.buffer += draw(st.binary(min_size=1, max_size=64))
     elif label == "dtype name":
-        target.dtype = draw((st.sampled_from(sorted(WIRE_DTYPES)) | st.text(max_size=40)).filter(
-            lambda name: _misreads(target.dtype, name)))
+        target.dtype = draw(
+            (st.sampled_from(sorted(WIRE_DTYPES)) | st.text(max_size=40)).filter(
+                lambda name: _misreads(target.dtype, name)
+            )
+        )
     elif label == "compression":
         target.compression = draw(st.integers(1, 5))
     elif label == "sizes":
@@ -297,9 +388,11 @@ def wire_mutations(draw: st.DrawFn) -> FuzzCase:
         sizes = st.lists(st.integers(0, 2**32 - 1) | st.just(2**32 - 1), min_size=1, max_size=8)
         target.size[:] = draw(sizes.filter(lambda s: 0 in s))
     elif label == "raw sizes":  # varints no protobuf library would write: negative, beyond 32 bits
-        raw_sizes = draw(st.lists(st.integers(-(2**63), 2**64 - 1) | st.sampled_from([-1, -4, 2**40]),
-                                  min_size=1, max_size=9).filter(
-            lambda s: [v % 2**32 for v in s] != list(target.size)))
+        raw_sizes = draw(
+            st.lists(
+                st.integers(-(2**63), 2**64 - 1) | st.sampled_from([-1, -4, 2**40]), min_size=1, max_size=9
+            ).filter(lambda s: [v % 2**32 for v in s] != list(target.size))
+        )
     else:
         return _garbage_floats(inputs, draw)
     if raw_sizes is None:
@@ -402,8 +495,11 @@ def stream_lies(draw: st.DrawFn) -> FuzzCase:
     chunk = draw(st.sampled_from([256, 2048]))
     parts = [part for tensor in serialized for part in split_tensor(tensor, chunk_bytes=chunk)]
     headers = [i for i, part in enumerate(parts) if part.dtype]
-    label = draw(st.sampled_from(["chunks more", "chunks fewer", "chunks nonsense", "part before header",
-                                  "header twice", "hang up"]))
+    label = draw(
+        st.sampled_from(
+            ["chunks more", "chunks fewer", "chunks nonsense", "part before header", "header twice", "hang up"]
+        )
+    )
     target = parts[draw(st.sampled_from(headers))]
     if label == "chunks more":
         target.chunks += draw(st.integers(1, 10**6))
@@ -417,14 +513,19 @@ def stream_lies(draw: st.DrawFn) -> FuzzCase:
     elif label == "part before header":
         parts.insert(0, runtime_pb2.Tensor(buffer=draw(st.binary(max_size=64))))
     elif label == "header twice":
-        parts.insert(parts.index(target) + 1, runtime_pb2.Tensor(
-            buffer=b"", size=list(target.size), dtype=target.dtype, chunks=1))
+        parts.insert(
+            parts.index(target) + 1,
+            runtime_pb2.Tensor(buffer=b"", size=list(target.size), dtype=target.dtype, chunks=1),
+        )
     metadata = pack_metadata(inputs.metadata)
-    messages = [request_of(inputs.uid if i == 0 else "", [part], metadata if i == 0 else b"").SerializeToString()
-                for i, part in enumerate(parts)]
+    messages = [
+        request_of(inputs.uid if i == 0 else "", [part], metadata if i == 0 else b"").SerializeToString()
+        for i, part in enumerate(parts)
+    ]
     if label == "hang up":
-        return FuzzCase(label, inputs.method, True, messages, Expect.ANY,
-                        hang_up_after=draw(st.integers(0, len(messages) - 1)))
+        return FuzzCase(
+            label, inputs.method, True, messages, Expect.ANY, hang_up_after=draw(st.integers(0, len(messages) - 1))
+        )
     return FuzzCase(label, inputs.method, True, messages, Expect.REFUSAL)
 
 
@@ -442,6 +543,11 @@ def framing_garbage(draw: st.DrawFn) -> FuzzCase:
 
 def fuzz_cases() -> st.SearchStrategy[FuzzCase]:
     return st.one_of(
-        valid_requests(), field_mutations(), wire_mutations(), metadata_garbage(), protobuf_garbage(), stream_lies(),
+        valid_requests(),
+        field_mutations(),
+        wire_mutations(),
+        metadata_garbage(),
+        protobuf_garbage(),
+        stream_lies(),
         framing_garbage(),
     )

@@ -16,12 +16,12 @@ import time
 from typing import Any, Optional
 
 import torch
+from fuzz_requests import FuzzCase
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.control import P2PHandlerError
 from hivemind.proto import runtime_pb2
-from fuzz_requests import FuzzCase
 
-from ptune_search.swarm.connection import SwarmConnection
+from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.protocol import BlockService, RequestRefused, raise_if_error, unpack_metadata
 from ptune_search.swarm.wire import TensorAssembler
 

@@ -10,7 +10,7 @@ import psutil
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
-from ptune_search.swarm.connection import SwarmConnection
+from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.protocol import BlockService, unpack_metadata
 
 

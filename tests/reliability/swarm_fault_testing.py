@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import pytest
 import torch
 
-from ptune_search.models.llama import DistributedLlamaForSequenceClassification
+from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
 from ptune_search.pretrained import resolve_model
 from ptune_search.swarm.launcher import LocalSwarm
 from tests.search.search_process import TINY_CONFIG, SearchProcess

@@ -15,8 +15,7 @@ import pytest
 
 from ptune_search.swarm.launcher import read_peers_file
 from ptune_search.swarm.protocol import ServerState
-from tests.reliability.swarm_fault_testing import FAST_RECORDS, RECORD_TTL, train
-from tests.reliability.swarm_fault_testing import swarm_classifier, tiny_llama  # noqa: F401 - fixtures
+from tests.reliability.swarm_fault_testing import FAST_RECORDS, RECORD_TTL, swarm_classifier, tiny_llama, train  # noqa: F401 - fixtures
 from tests.swarm.swarm_testing import classification_batch, living
 
 NUM_BLOCKS = 4  # tiny-llama
@@ -31,8 +30,21 @@ def peer_id_of(maddr: str) -> str:
 @pytest.mark.slow
 def test_clients_train_and_join_after_the_bootstrap_peer_died(tmp_path, tiny_llama, swarm_classifier):
     peers_file, log_dir = tmp_path / "peers.txt", tmp_path / "logs"
-    command = [sys.executable, "-m", "ptune_search.swarm", "local", "--model", str(tiny_llama), "--servers", "2",
-               "--peers-file", str(peers_file), "--log-dir", str(log_dir), *FAST_RECORDS]
+    command = [
+        sys.executable,
+        "-m",
+        "ptune_search.swarm",
+        "local",
+        "--model",
+        str(tiny_llama),
+        "--servers",
+        "2",
+        "--peers-file",
+        str(peers_file),
+        "--log-dir",
+        str(log_dir),
+        *FAST_RECORDS,
+    ]
     with open(tmp_path / "local.log", "wb") as log:
         launcher = subprocess.Popen(command, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     groups: set[int] = set()

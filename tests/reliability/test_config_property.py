@@ -61,7 +61,10 @@ class Leaf:
 
 
 BOUNDS = {
-    annotated_types.Ge: "ge", annotated_types.Gt: "gt", annotated_types.Lt: "lt", annotated_types.MinLen: "min_length"
+    annotated_types.Ge: "ge",
+    annotated_types.Gt: "gt",
+    annotated_types.Lt: "lt",
+    annotated_types.MinLen: "min_length",
 }
 
 
@@ -304,9 +307,21 @@ def bad_enum(draw: st.DrawFn, config: dict) -> Mistake:
 
 def inconsistent_pair(draw: st.DrawFn, config: dict) -> Mistake:
     budget, swarm, space = config["budget"], config["swarm"], config["search_space"]
-    rule = draw(st.sampled_from(
-        ["eval_every", "grace_period", "pre_seq_len", "lr", "repeated mode", "servers", "columns", "external", "peers"]
-    ))
+    rule = draw(
+        st.sampled_from(
+            [
+                "eval_every",
+                "grace_period",
+                "pre_seq_len",
+                "lr",
+                "repeated mode",
+                "servers",
+                "columns",
+                "external",
+                "peers",
+            ]
+        )
+    )
     if rule == "eval_every":
         budget["eval_every"] = budget["max_steps"] + draw(st.integers(1, 100))
         return Mistake(config, "budget.eval_every", single=True)
@@ -374,15 +389,32 @@ def bad_location(draw: st.DrawFn, config: dict) -> Mistake:
     elif what == "output_dir":
         value = draw(st.one_of(st.just(""), st.just("  "), nul))
     else:
-        value = draw(st.sampled_from(
-            ["mlruns", "file:///tmp/m", "sqlite:///", "http://", "https://:5000", "http://host:99999", "sqlite:///a\0b"]
-        ))
+        value = draw(
+            st.sampled_from(
+                [
+                    "mlruns",
+                    "file:///tmp/m",
+                    "sqlite:///",
+                    "http://",
+                    "https://:5000",
+                    "http://host:99999",
+                    "sqlite:///a\0b",
+                ]
+            )
+        )
     _set(config, tuple(what.split(".")), value)
     return Mistake(config, what, single=True)
 
 
 MISTAKES: list[Callable[[st.DrawFn, dict], Mistake]] = [
-    wrong_type, out_of_range, unknown_key, wrong_nesting, bad_enum, inconsistent_pair, bad_multiaddr, bad_location,
+    wrong_type,
+    out_of_range,
+    unknown_key,
+    wrong_nesting,
+    bad_enum,
+    inconsistent_pair,
+    bad_multiaddr,
+    bad_location,
 ]
 
 

@@ -20,11 +20,11 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
-from ptune_search.models.llama import DistributedLlamaForSequenceClassification
-from ptune_search.swarm.connection import SwarmConnection
+from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
+from ptune_search.models.tiny_llama import make_tiny_llama
+from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.launcher import LocalSwarm
 from ptune_search.swarm.protocol import ServerRecord, ServerState, block_uid
-from ptune_search.tiny_llama import make_tiny_llama
 from tests.swarm.swarm_testing import LIMIT_ARGS, SwarmRegistry, classification_batch, copy_trainable
 
 PREFIX = "tiny-records"
@@ -132,13 +132,18 @@ def test_lying_and_garbage_records_are_ignored_or_banned_and_training_equals_loc
         remote.model.layers.close()
     local_losses = train(local, batches)
 
-    warnings = [r.getMessage() for r in caplog.records
-                if r.name == "ptune_search.swarm.routing" and r.levelno == logging.WARNING]
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "ptune_search.swarm.client.routing" and r.levelno == logging.WARNING
+    ]
     for subkey in [*garbage_peers, "not a peer id"]:
         assert any(repr(subkey)[:80] in message for message in warnings), f"no warning about the record of {subkey}"
     for block in (2, 3):
-        assert any(f"'{server_a}' under {block_uid(PREFIX, block)}: its span 0:2 does not contain block {block}" in m
-                   for m in warnings), f"no warning about the lying span under block {block}"
+        assert any(
+            f"'{server_a}' under {block_uid(PREFIX, block)}: its span 0:2 does not contain block {block}" in m
+            for m in warnings
+        ), f"no warning about the lying span under block {block}"
     banned = {match for r in caplog.records for match in re.findall(r"banning server (\w+)", r.getMessage())}
     assert stats["failed_calls"] >= 1 and banned, "no lying record was ever tried"
     assert banned <= {rogue_peer, nowhere, server_b}, f"an honest server was banned: {banned}"

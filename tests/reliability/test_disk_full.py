@@ -22,8 +22,8 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from ptune_search.config import load_config
-from ptune_search.disk_space import OutputDisk, OutputDiskFull, full_disk_reported, is_disk_full
 from ptune_search.pretrained import resolve_model
+from ptune_search.search.disk_space import OutputDisk, OutputDiskFull, full_disk_reported, is_disk_full
 from tests.search.search_process import TINY_CONFIG, SearchProcess, assert_no_survivors, wait_for
 from tests.search.store_views import metric_steps, mlflow_client, runs_by_role, study_states, trial_runs
 

@@ -17,10 +17,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from ptune_search.config import load_config
-from ptune_search.search import OUTBOX_DIR, deliver_outbox
-from ptune_search.tracking import BEST_TAG, ROLE_TAG, TRIAL_ARTIFACTS, TRIAL_TAG, SearchTracker
-from ptune_search.tracking_outbox import JOURNAL_FILE, REFUSED_FILE, TrackingOutbox
-from ptune_search.tracking_replay import OutboxSender, StoreUnreachable
+from ptune_search.search.driver import OUTBOX_DIR, deliver_outbox
+from ptune_search.search.tracking.outbox import JOURNAL_FILE, REFUSED_FILE, TrackingOutbox
+from ptune_search.search.tracking.records import BEST_TAG, ROLE_TAG, TRIAL_ARTIFACTS, TRIAL_TAG, SearchTracker
+from ptune_search.search.tracking.sender import OutboxSender, StoreUnreachable
 from tests.reliability.mlflow_server import MlflowServer, free_port, mlflow_server  # noqa: F401 - a fixture
 from tests.search.search_process import TINY_CONFIG, SearchProcess, assert_no_survivors, wait_for
 
@@ -47,8 +47,13 @@ def result(trial_id: str, step: int, window: int = 3) -> tuple[str, dict[str, An
 
 
 def start_child(trial_id: str, parent_run_id: str) -> tuple[str, dict[str, Any]]:
-    args = {"trial_id": trial_id, "run_name": f"trial_{trial_id}", "params": {"lr": 0.01, "pre_seq_len": 4},
-            "role": "trial", "parent_run_id": parent_run_id}
+    args = {
+        "trial_id": trial_id,
+        "run_name": f"trial_{trial_id}",
+        "params": {"lr": 0.01, "pre_seq_len": 4},
+        "role": "trial",
+        "parent_run_id": parent_run_id,
+    }
     return "start_child", args
 
 
@@ -140,8 +145,9 @@ def test_a_record_the_store_refuses_is_kept_aside_and_the_rest_is_sent(tmp_path:
 
 
 @pytest.mark.slow
-def test_records_wait_while_the_server_is_down_and_arrive_after_a_restart(mlflow_server: MlflowServer, tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch, capsys):
+def test_records_wait_while_the_server_is_down_and_arrive_after_a_restart(
+    mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     tracker = new_tracker(mlflow_server.uri, tmp_path)
@@ -151,8 +157,11 @@ def test_records_wait_while_the_server_is_down_and_arrive_after_a_restart(mlflow
     for operation, args in [start_child("t1", parent), result("t1", 3), result("t1", 6)]:
         outbox.append(operation, args)
 
-    config = load_config(TINY_CONFIG, [f"output_dir={tmp_path}", f"mlflow.tracking_uri={mlflow_server.uri}",
-                                       "mlflow.flush_timeout_s=5"], check_paths=False)
+    config = load_config(
+        TINY_CONFIG,
+        [f"output_dir={tmp_path}", f"mlflow.tracking_uri={mlflow_server.uri}", "mlflow.flush_timeout_s=5"],
+        check_paths=False,
+    )
     with OutboxSender(outbox, tracker) as sender, pytest.raises(StoreUnreachable) as unreachable:
         deliver_outbox(sender, config)
     assert f"MLflow at {mlflow_server.uri} unreachable, 3 operations waiting; retrying" in capsys.readouterr().out
@@ -205,8 +214,9 @@ def trial_metrics_stored(client: MlflowClient) -> bool:
 
 
 @pytest.mark.slow
-def test_a_search_goes_on_through_a_minute_of_mlflow_outage_and_records_everything(mlflow_server: MlflowServer,
-                                                                                   tmp_path: Path):
+def test_a_search_goes_on_through_a_minute_of_mlflow_outage_and_records_everything(
+    mlflow_server: MlflowServer, tmp_path: Path
+):
     output = tmp_path / "search"
     overrides = [f"output_dir={output}", f"mlflow.tracking_uri={mlflow_server.uri}"]
     search = SearchProcess(TINY_CONFIG, overrides, tmp_path / "driver.log")

@@ -27,11 +27,11 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 
-from ptune_search.swarm.connection import SwarmConnection
+from ptune_search.models.tiny_llama import make_tiny_llama
+from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.launcher import LocalSwarm
 from ptune_search.swarm.protocol import ErrorKind, pack_metadata, span_uid
 from ptune_search.swarm.wire import serialize_tensor, split_tensor
-from ptune_search.tiny_llama import make_tiny_llama
 from tests.swarm.swarm_testing import (
     LIMIT_ARGS,
     MAX_PAYLOAD,
@@ -102,7 +102,8 @@ def warm_up(client: FuzzClient) -> None:
             hidden = torch.randn(1, 512, HIDDEN)
             tensors = [hidden, torch.ones(1, 512, dtype=torch.long)] + ([hidden] if method == "backward" else [])
             request = runtime_pb2.ExpertRequest(
-                uid=span_uid(PREFIX, 0, NUM_BLOCKS), tensors=[serialize_tensor(t) for t in tensors],
+                uid=span_uid(PREFIX, 0, NUM_BLOCKS),
+                tensors=[serialize_tensor(t) for t in tensors],
                 metadata=pack_metadata({"request_id": "warm-up", "keep": method == "forward"}),
             )
             case = FuzzCase("warm-up", method, streamed, [request.SerializeToString()], Expect.ANY)
@@ -118,8 +119,13 @@ def test_thousands_of_hostile_requests_are_refused_or_answered_exactly_and_the_s
     tried: collections.Counter[str] = collections.Counter()
     slowest = [0.0]
 
-    @settings(max_examples=MIN_INPUTS, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=MIN_INPUTS,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate, Phase.shrink],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=fuzz_cases())
     def send_one(case):
         outcome = client.send(case, REQUEST_DEADLINE)
@@ -131,9 +137,11 @@ def test_thousands_of_hostile_requests_are_refused_or_answered_exactly_and_the_s
     with PeakRss(fuzzed_swarm.servers[0].pid) as rss:
         send_one()
         total = sum(tried.values())
-        print(f"fuzzed the server with {total} inputs in {time.monotonic() - started:.0f}s (slowest answer "
-              f"{slowest[0]:.2f}s, RSS {rss.start / 2**20:.0f} MiB + peak growth {rss.growth / 2**20:.1f} MiB): "
-              f"{dict(sorted(tried.items()))}")
+        print(
+            f"fuzzed the server with {total} inputs in {time.monotonic() - started:.0f}s (slowest answer "
+            f"{slowest[0]:.2f}s, RSS {rss.start / 2**20:.0f} MiB + peak growth {rss.growth / 2**20:.1f} MiB): "
+            f"{dict(sorted(tried.items()))}"
+        )
         assert total >= MIN_INPUTS
         assert_server_healthy(fuzzed_swarm, client, rss)
     assert_good_client_equals_local_blocks(fuzz_model, fuzzed_swarm)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.reliability.swarm_fault_testing import run_search, start_swarm, tiny_llama  # noqa: F401 - fixtures
 from tests.search.search_process import assert_no_survivors, wait_for
-from tests.search.store_views import mlflow_client, metric_steps, study_states, trial_runs
+from tests.search.store_views import metric_steps, mlflow_client, study_states, trial_runs
 
 MAX_STEPS, EVAL_EVERY = 24, 3
 # Two trials at once, each evaluated every 3 steps and never stopped by ASHA, so that histories are exact.

@@ -17,8 +17,8 @@ from typing import Iterator
 import psutil
 import pytest
 
+from benchmarks.load_harness import LoadReport, LoadShape, make_load_model, run_load
 from ptune_search.swarm.launcher import LocalSwarm
-from ptune_search.swarm_load import LoadReport, LoadShape, make_load_model, run_load
 from tests.swarm.swarm_testing import SwarmRegistry
 
 CLIENTS = 8

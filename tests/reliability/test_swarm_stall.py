@@ -7,8 +7,7 @@ import signal
 import pytest
 from hivemind.p2p import PeerID
 
-from tests.reliability.swarm_fault_testing import train
-from tests.reliability.swarm_fault_testing import start_swarm, swarm_classifier, tiny_llama  # noqa: F401 - fixtures
+from tests.reliability.swarm_fault_testing import start_swarm, swarm_classifier, tiny_llama, train  # noqa: F401 - fixtures
 from tests.swarm.swarm_testing import classification_batch, copy_trainable
 
 REQUEST_TIMEOUT = 4.0
@@ -19,9 +18,7 @@ STALL_AT = 4  # between this step's forward and its backward
 @pytest.mark.slow
 def test_a_stalled_replica_costs_one_request_timeout_and_is_banned(start_swarm, swarm_classifier):
     swarm = start_swarm(2, replicas=2)  # two servers, each holding every block
-    settings = dict(
-        tuning_mode="deep_ptune", pre_seq_len=2, request_timeout=REQUEST_TIMEOUT, ban_timeout=600.0
-    )
+    settings = dict(tuning_mode="deep_ptune", pre_seq_len=2, request_timeout=REQUEST_TIMEOUT, ban_timeout=600.0)
     batches = [classification_batch(seed) for seed in range(4)]
     model = swarm_classifier(swarm.initial_peers, **settings)
     reference = swarm_classifier(swarm.initial_peers, **settings)

@@ -14,7 +14,9 @@ def run_search(tmp_path: Path):
     started: list[SearchProcess] = []
 
     def start(
-        overrides: Sequence[str] = (), config: Path = TINY_CONFIG, extra_args: Sequence[str] = (),
+        overrides: Sequence[str] = (),
+        config: Path = TINY_CONFIG,
+        extra_args: Sequence[str] = (),
         output_dir: Optional[Path] = None,
     ) -> SearchProcess:
         output = output_dir or tmp_path / "search"

@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import psutil
 
@@ -24,7 +24,9 @@ class SearchProcess:
             args += ["--set", override]
         self.log_file = log_file
         self._log = open(log_file, "ab")
-        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        self.process = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO
+        )
         self.seen: dict[int, float] = {}
         self._watching = True
         self._watcher = threading.Thread(target=self._watch, daemon=True)

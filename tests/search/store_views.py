@@ -8,8 +8,8 @@ import optuna
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from ptune_search.search import TUNE_TRIAL_ID_ATTR
-from ptune_search.tracking import ROLE_TAG, TRIAL_TAG
+from ptune_search.search.driver import TUNE_TRIAL_ID_ATTR
+from ptune_search.search.tracking.records import ROLE_TAG, TRIAL_TAG
 
 
 def mlflow_client(output_dir: Path) -> MlflowClient:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ptune_search.tracking import BEST_TAG
+from ptune_search.search.tracking.records import BEST_TAG
 from tests.search.search_process import assert_no_survivors
 from tests.search.store_views import metric_steps, mlflow_client, runs_by_role, study_states, trial_runs
 
@@ -26,7 +26,12 @@ def test_tiny_search_records_every_trial_truthfully(run_search, tmp_path):
     assert parent.data.tags["mlflow.source.git.commit"]
     assert parent.data.params["budget.max_steps"] == str(MAX_STEPS)
     parent_artifacts = {a.path for a in mlflow_client(output).list_artifacts(parent.info.run_id)}
-    assert {"trials.csv", "config.yaml", "optuna_optimization_history.html", "optuna_parallel_coordinate.html"} <= parent_artifacts
+    assert {
+        "trials.csv",
+        "config.yaml",
+        "optuna_optimization_history.html",
+        "optuna_parallel_coordinate.html",
+    } <= parent_artifacts
 
     children = trial_runs(output)
     assert len(children) == 4

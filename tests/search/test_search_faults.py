@@ -36,8 +36,11 @@ def test_resume_after_sigkill_of_the_driver_reruns_nothing(run_search, tmp_path)
     wait_for(first, lambda: finished_trials(output) >= 1, timeout=600)
     os.kill(first.process.pid, signal.SIGKILL)
     first.wait(timeout=30)
-    finished_before = {tid: metric_steps(output, run, "train_loss") for tid, run in trial_runs(output).items()
-                       if run.info.status == "FINISHED"}
+    finished_before = {
+        tid: metric_steps(output, run, "train_loss")
+        for tid, run in trial_runs(output).items()
+        if run.info.status == "FINISHED"
+    }
     assert 1 <= len(finished_before) < 4
 
     # Resumed at once, as a user would, while Ray's agents of the killed driver still run: they notice the

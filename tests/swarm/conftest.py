@@ -13,9 +13,9 @@ from typing import Callable, Iterator, Sequence
 import pytest
 from swarm_testing import HIDDEN, LIMIT_ARGS, NUM_BLOCKS, SwarmRegistry, p2pd_children_of_this_process
 
-from ptune_search.models.llama import DistributedLlamaForSequenceClassification
+from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
+from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.swarm.launcher import LocalSwarm
-from ptune_search.tiny_llama import make_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -86,5 +86,3 @@ def no_p2pd_left_by_the_test() -> Iterator[None]:
     yield
     leftovers = p2pd_children_of_this_process()
     assert not leftovers, f"p2p daemons of closed clients still run: {leftovers}"
-
-

@@ -10,9 +10,9 @@ from typing import Callable, Optional
 
 import torch
 
-from ptune_search.models.llama import DistributedLlamaConfig
-from ptune_search.models.llama_blocks import LlamaBlockSpan
-from ptune_search.swarm.client import RemoteBlockChain
+from ptune_search.models.llama.blocks import LlamaBlockSpan
+from ptune_search.models.llama.model import DistributedLlamaConfig
+from ptune_search.swarm.client.remote_chain import RemoteBlockChain
 from ptune_search.swarm.launcher import LocalSwarm
 
 NUM_BLOCKS = 6

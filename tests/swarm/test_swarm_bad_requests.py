@@ -13,7 +13,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from swarm_testing import HIDDEN, MAX_PAYLOAD, MAX_TOKENS
 
-from ptune_search.swarm.connection import SwarmConnection
+from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.protocol import (
     BlockService,
     ErrorKind,
@@ -82,55 +82,113 @@ def mask_of_twos() -> torch.Tensor:
 
 
 BAD_REQUESTS: dict[str, tuple[Callable, ErrorKind, str]] = {
-    "wrong hidden size": (lambda s: send(s, "forward", SPAN, [hidden(size=32), mask()], meta()),
-                          ErrorKind.BAD_REQUEST, "hidden size 64 (got 32)"),
-    "wrong dtype": (lambda s: send(s, "forward", SPAN, [hidden(dtype=torch.float64), mask()], meta()),
-                    ErrorKind.BAD_REQUEST, "must be float32 (the server's dtype), got float64"),
-    "NaN": (lambda s: send(s, "forward", SPAN, [nan_hidden(), mask()], meta()),
-            ErrorKind.BAD_REQUEST, "NaN"),
-    "too many tokens": (lambda s: send(s, "forward", SPAN, [hidden(1, MAX_TOKENS + 1), mask(1, MAX_TOKENS + 1)], meta()),
-                        ErrorKind.BAD_REQUEST, f"too many tokens: batch 1 x length {MAX_TOKENS + 1}"),
-    "unknown uid": (lambda s: send(s, "forward", "tiny-swarm.4", [hidden(), mask()], meta()),
-                    ErrorKind.UNKNOWN_BLOCK, "this server serves tiny-swarm.0..tiny-swarm.2"),
-    "another model's uid": (lambda s: send(s, "forward", "other-model.0", [hidden(), mask()], meta()),
-                            ErrorKind.UNKNOWN_BLOCK, "unknown blocks 'other-model.0'"),
-    "not a uid": (lambda s: send(s, "forward", "tiny-swarm.0 tiny-swarm.2", [hidden(), mask()], meta()),
-                  ErrorKind.BAD_REQUEST, "consecutive"),
+    "wrong hidden size": (
+        lambda s: send(s, "forward", SPAN, [hidden(size=32), mask()], meta()),
+        ErrorKind.BAD_REQUEST,
+        "hidden size 64 (got 32)",
+    ),
+    "wrong dtype": (
+        lambda s: send(s, "forward", SPAN, [hidden(dtype=torch.float64), mask()], meta()),
+        ErrorKind.BAD_REQUEST,
+        "must be float32 (the server's dtype), got float64",
+    ),
+    "NaN": (lambda s: send(s, "forward", SPAN, [nan_hidden(), mask()], meta()), ErrorKind.BAD_REQUEST, "NaN"),
+    "too many tokens": (
+        lambda s: send(s, "forward", SPAN, [hidden(1, MAX_TOKENS + 1), mask(1, MAX_TOKENS + 1)], meta()),
+        ErrorKind.BAD_REQUEST,
+        f"too many tokens: batch 1 x length {MAX_TOKENS + 1}",
+    ),
+    "unknown uid": (
+        lambda s: send(s, "forward", "tiny-swarm.4", [hidden(), mask()], meta()),
+        ErrorKind.UNKNOWN_BLOCK,
+        "this server serves tiny-swarm.0..tiny-swarm.2",
+    ),
+    "another model's uid": (
+        lambda s: send(s, "forward", "other-model.0", [hidden(), mask()], meta()),
+        ErrorKind.UNKNOWN_BLOCK,
+        "unknown blocks 'other-model.0'",
+    ),
+    "not a uid": (
+        lambda s: send(s, "forward", "tiny-swarm.0 tiny-swarm.2", [hidden(), mask()], meta()),
+        ErrorKind.BAD_REQUEST,
+        "consecutive",
+    ),
     "prompts of the wrong shape": (
         lambda s: send(s, "forward", SPAN, [hidden(), mask(), torch.zeros(1, 5, HIDDEN)], meta(pre_seq_len=2)),
-        ErrorKind.BAD_REQUEST, "deep prompts for 3 blocks with pre_seq_len 2 must be [2 or 1, 6, 64], got [1, 5, 64]"),
+        ErrorKind.BAD_REQUEST,
+        "deep prompts for 3 blocks with pre_seq_len 2 must be [2 or 1, 6, 64], got [1, 5, 64]",
+    ),
     "prompts longer than the sequence": (
         lambda s: send(s, "forward", SPAN, [hidden(), mask(), torch.zeros(1, 18, HIDDEN)], meta(pre_seq_len=6)),
-        ErrorKind.BAD_REQUEST, "pre_seq_len 6 must be at most the sequence length 5"),
-    "mask of other values than 0 and 1": (lambda s: send(s, "forward", SPAN, [hidden(), mask_of_twos()], meta()),
-                                          ErrorKind.BAD_REQUEST, "attention_mask must contain only 0 and 1"),
-    "missing tensors": (lambda s: send(s, "forward", SPAN, [hidden()], meta()),
-                        ErrorKind.BAD_REQUEST, "a forward request carries [hidden, attention_mask]"),
+        ErrorKind.BAD_REQUEST,
+        "pre_seq_len 6 must be at most the sequence length 5",
+    ),
+    "mask of other values than 0 and 1": (
+        lambda s: send(s, "forward", SPAN, [hidden(), mask_of_twos()], meta()),
+        ErrorKind.BAD_REQUEST,
+        "attention_mask must contain only 0 and 1",
+    ),
+    "missing tensors": (
+        lambda s: send(s, "forward", SPAN, [hidden()], meta()),
+        ErrorKind.BAD_REQUEST,
+        "a forward request carries [hidden, attention_mask]",
+    ),
     "grad of the wrong shape": (
         lambda s: send(s, "backward", SPAN, [hidden(), mask(), hidden(length=4)], meta()),
-        ErrorKind.BAD_REQUEST, "grad_outputs must have the shape of hidden [2, 5, 64], got [2, 4, 64]"),
+        ErrorKind.BAD_REQUEST,
+        "grad_outputs must have the shape of hidden [2, 5, 64], got [2, 4, 64]",
+    ),
     "garbage metadata": (
-        lambda s: send_raw(s, runtime_pb2.ExpertRequest(
-            uid=SPAN, tensors=[serialize_tensor(hidden()), serialize_tensor(mask())], metadata=b"\xc1\x00garbage")),
-        ErrorKind.BAD_REQUEST, "bad metadata: metadata is not valid msgpack"),
+        lambda s: send_raw(
+            s,
+            runtime_pb2.ExpertRequest(
+                uid=SPAN, tensors=[serialize_tensor(hidden()), serialize_tensor(mask())], metadata=b"\xc1\x00garbage"
+            ),
+        ),
+        ErrorKind.BAD_REQUEST,
+        "bad metadata: metadata is not valid msgpack",
+    ),
     "metadata without a request id": (
-        lambda s: send_raw(s, runtime_pb2.ExpertRequest(
-            uid=SPAN, tensors=[serialize_tensor(hidden()), serialize_tensor(mask())],
-            metadata=pack_metadata({"keep": "yes"}))),
-        ErrorKind.BAD_REQUEST, "metadata lacks the field 'request_id'"),
+        lambda s: send_raw(
+            s,
+            runtime_pb2.ExpertRequest(
+                uid=SPAN,
+                tensors=[serialize_tensor(hidden()), serialize_tensor(mask())],
+                metadata=pack_metadata({"keep": "yes"}),
+            ),
+        ),
+        ErrorKind.BAD_REQUEST,
+        "metadata lacks the field 'request_id'",
+    ),
     "a buffer shorter than its shape": (
-        lambda s: send_raw(s, runtime_pb2.ExpertRequest(
-            uid=SPAN, tensors=[runtime_pb2.Tensor(buffer=b"123", size=[2, 5, HIDDEN], dtype="float32")],
-            metadata=pack_metadata(meta()))),
-        ErrorKind.BAD_REQUEST, "tensor buffer has 3 bytes but shape [2, 5, 64] of float32 needs 2560"),
+        lambda s: send_raw(
+            s,
+            runtime_pb2.ExpertRequest(
+                uid=SPAN,
+                tensors=[runtime_pb2.Tensor(buffer=b"123", size=[2, 5, HIDDEN], dtype="float32")],
+                metadata=pack_metadata(meta()),
+            ),
+        ),
+        ErrorKind.BAD_REQUEST,
+        "tensor buffer has 3 bytes but shape [2, 5, 64] of float32 needs 2560",
+    ),
     "an unknown dtype": (
-        lambda s: send_raw(s, runtime_pb2.ExpertRequest(
-            uid=SPAN, tensors=[runtime_pb2.Tensor(buffer=b"", size=[0], dtype="object")],
-            metadata=pack_metadata(meta()))),
-        ErrorKind.BAD_REQUEST, "unsupported tensor dtype 'object'"),
+        lambda s: send_raw(
+            s,
+            runtime_pb2.ExpertRequest(
+                uid=SPAN,
+                tensors=[runtime_pb2.Tensor(buffer=b"", size=[0], dtype="object")],
+                metadata=pack_metadata(meta()),
+            ),
+        ),
+        ErrorKind.BAD_REQUEST,
+        "unsupported tensor dtype 'object'",
+    ),
     "an oversized payload": (
         lambda s: send(s, "forward", SPAN, [hidden(1, MAX_PAYLOAD // (4 * HIDDEN) + 8), mask(1, 8)], meta()),
-        ErrorKind.BAD_REQUEST, f"payload exceeds the server's limit of {MAX_PAYLOAD} bytes"),
+        ErrorKind.BAD_REQUEST,
+        f"payload exceeds the server's limit of {MAX_PAYLOAD} bytes",
+    ),
 }
 
 

@@ -37,8 +37,10 @@ def test_four_clients_training_at_once_each_equal_their_run_alone(swarm2, remote
     torch.manual_seed(0)
     models = [remote_classifier(swarm2, tuning_mode=mode, pre_seq_len=length) for mode, length in CLIENTS]
     initial = [snapshot(model) for model in models]
-    batches = [[classification_batch(10 * client + step, length=8 + 3 * client) for step in range(3)]
-               for client in range(len(models))]
+    batches = [
+        [classification_batch(10 * client + step, length=8 + 3 * client) for step in range(3)]
+        for client in range(len(models))
+    ]
 
     alone = [train(model, data) for model, data in zip(models, batches)]
 

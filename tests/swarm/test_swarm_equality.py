@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from ptune_search.models.llama import DistributedLlamaForSequenceClassification
-from ptune_search.models.llama_blocks import LlamaBlockSpan
-from ptune_search.swarm.client import RemoteBlockChain
-
 from swarm_testing import HIDDEN, NUM_BLOCKS, chain_vs_local_blocks, classification_batch, copy_trainable, swarm_config
+
+from ptune_search.models.llama.blocks import LlamaBlockSpan
+from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
+from ptune_search.swarm.client.remote_chain import RemoteBlockChain
 
 TOLERANCE = 1e-5
 
@@ -32,9 +31,7 @@ def run_step(model, batch, seed: int):
 
 @pytest.mark.parametrize("servers", [2, 3])
 @pytest.mark.parametrize("tuning_mode", ["ptune", "deep_ptune"])
-def test_training_step_through_swarm_equals_local_blocks(
-    request, swarm_model, remote_classifier, servers, tuning_mode
-):
+def test_training_step_through_swarm_equals_local_blocks(request, swarm_model, remote_classifier, servers, tuning_mode):
     swarm = request.getfixturevalue(f"swarm{servers}")
     settings = dict(num_labels=3, tuning_mode=tuning_mode, pre_seq_len=3)
     local = DistributedLlamaForSequenceClassification.from_pretrained(swarm_model, local_blocks=True, **settings)

@@ -6,13 +6,12 @@ import math
 import signal
 import time
 
-import pytest
 import torch
-from swarm_testing import NUM_BLOCKS, classification_batch, swarm_config
+from swarm_testing import NUM_BLOCKS, classification_batch
 
-from ptune_search.swarm.connection import SwarmConnection
+from ptune_search.swarm.client.connection import SwarmConnection
+from ptune_search.swarm.client.routing import fetch_block_records
 from ptune_search.swarm.protocol import ServerState, block_uids
-from ptune_search.swarm.routing import fetch_block_records
 
 RECORD_TTL = 3.0
 FAST_RECORDS = ["--record-ttl", str(RECORD_TTL), "--refresh-period", "1"]
@@ -38,7 +37,9 @@ def records_of(connection: SwarmConnection, swarm, peer_id: str) -> dict[str, Se
     """The states this peer has announced for the swarm's blocks, as still found in the DHT."""
     uids = block_uids(swarm.prefix, 0, NUM_BLOCKS)
     found = connection.run(fetch_block_records(connection.node, uids), timeout=30)
-    return {uid: servers[peer].state for uid, servers in zip(uids, found) for peer in servers if peer.to_base58() == peer_id}
+    return {
+        uid: servers[peer].state for uid, servers in zip(uids, found) for peer in servers if peer.to_base58() == peer_id
+    }
 
 
 def test_training_survives_sigkill_of_a_replica_and_its_records_expire(start_swarm, remote_classifier, swarm_model):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from swarm_testing import classification_batch, living, swarm_config
 
-from ptune_search.swarm.client import RemoteBlockChain
+from ptune_search.swarm.client.remote_chain import RemoteBlockChain
 from ptune_search.swarm.launcher import read_peers_file
 
 
@@ -35,8 +35,20 @@ def descendants(pid: int) -> set[int]:
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_local_swarm_command_serves_until_a_signal_and_leaves_no_process(tmp_path, swarm_model, stop_signal):
     peers_file = tmp_path / "peers.txt"
-    command = [sys.executable, "-m", "ptune_search.swarm", "local", "--model", str(swarm_model),
-               "--servers", "2", "--peers-file", str(peers_file), "--log-dir", str(tmp_path / "logs")]
+    command = [
+        sys.executable,
+        "-m",
+        "ptune_search.swarm",
+        "local",
+        "--model",
+        str(swarm_model),
+        "--servers",
+        "2",
+        "--peers-file",
+        str(peers_file),
+        "--log-dir",
+        str(tmp_path / "logs"),
+    ]
     launcher = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     started: set[int] = set()
     try:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from swarm_testing import HIDDEN, NUM_BLOCKS, SwarmRegistry, swarm_config
 
-from ptune_search.swarm.client import RemoteBlockChain
-from ptune_search.swarm.connection import SwarmConnection
+from ptune_search.swarm.client.connection import SwarmConnection
+from ptune_search.swarm.client.remote_chain import RemoteBlockChain
+from ptune_search.swarm.client.routing import MissingBlockError, fetch_block_records
 from ptune_search.swarm.protocol import ServerState, block_uids
-from ptune_search.swarm.routing import MissingBlockError, fetch_block_records
 
 BLOCK_WAIT = 3.0
 

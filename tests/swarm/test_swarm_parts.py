@@ -14,9 +14,7 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 
-from ptune_search.swarm.activation_cache import ActivationCache, CachedForward
-from ptune_search.swarm.fair_queue import FairQueue, QueueFull
-from ptune_search.swarm.host_cores import HostCores
+from ptune_search.swarm.client.routing import BlockRouter, MissingBlockError
 from ptune_search.swarm.protocol import (
     ErrorKind,
     RequestRefused,
@@ -27,7 +25,9 @@ from ptune_search.swarm.protocol import (
     span_uid,
     unpack_metadata,
 )
-from ptune_search.swarm.routing import BlockRouter, MissingBlockError
+from ptune_search.swarm.server.activation_cache import ActivationCache, CachedForward
+from ptune_search.swarm.server.fair_queue import FairQueue, QueueFull
+from ptune_search.swarm.server.host_cores import HostCores
 from ptune_search.swarm.wire import PayloadTooLarge, TensorAssembler, deserialize_tensor, serialize_tensor, split_tensor
 
 

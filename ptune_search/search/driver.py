@@ -1,0 +1,351 @@
+"""The search: Ray Tune runs trial actors over one shared swarm, Optuna proposes, ASHA stops, MLflow records."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import optuna
+import ray
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from ptune_search.config import ExperimentConfig
+from ptune_search.data import TaskSpec
+from ptune_search.pretrained import resolve_model
+from ptune_search.search.disk_space import OutputDisk, full_disk_reported
+from ptune_search.search.disk_watch import FreeSpaceWatch
+from ptune_search.search.report import best_finished_trial, trial_rows, write_search_report
+from ptune_search.search.tracking.outbox import TrackingOutbox
+from ptune_search.search.tracking.records import MlflowTrialCallback, SearchTracker
+from ptune_search.search.tracking.sender import OutboxSender, StoreUnreachable
+from ptune_search.search.trial import PromptTuningTrial, TrialSettings
+
+logger = logging.getLogger(__name__)
+
+METRIC, MODE = "val_accuracy", "max"
+SEARCH_NAME, BASELINE_NAME = "search", "baseline"
+TUNE_TRIAL_ID_ATTR = "tune_trial_id"
+OUTBOX_DIR = "mlflow_outbox"  # in output_dir: MLflow records the store has not taken yet
+ABORT_FLUSH_TIMEOUT_S = 30.0  # an interrupted search waits at most this long for the store before it exits
+
+
+class SearchSpaceSampler:
+    """Optuna's define-by-run space (a class, not a closure, so Tune can pickle the searcher on checkpoint)."""
+
+    def __init__(self, tuning_modes: list[str], pre_seq_len: tuple[int, int], lr: tuple[float, float]):
+        self.tuning_modes, self.pre_seq_len, self.lr = tuning_modes, pre_seq_len, lr
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        trial.suggest_categorical("tuning_mode", self.tuning_modes)
+        trial.suggest_int("pre_seq_len", *self.pre_seq_len)
+        trial.suggest_float("lr", *self.lr, log=True)
+
+
+class TruthfulOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells the study a trial ASHA stopped is PRUNED and a failed one is FAIL.
+
+    Ray's OptunaSearch records any trial with a last result as COMPLETE with its early value, which would
+    let TPE learn from truncated runs as if they were finished.
+    """
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        suggestion = super().suggest(trial_id)
+        if trial_id in self._ot_trials:  # links the study's trial to the Tune trial and its MLflow run
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
+        return suggestion
+
+    def restore(self, checkpoint_path: str) -> None:
+        """A driver killed between Optuna's ask and Tune's next snapshot leaves a study trial no Tune trial
+        will ever run; it would stay RUNNING forever, so it is marked FAIL (Optuna's rule for stale trials)."""
+        super().restore(checkpoint_path)
+        known = {ot_trial.number for ot_trial in self._ot_trials.values()}
+        for ghost in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if ghost.number not in known:
+                logger.warning("Optuna trial %d was never run by Tune (driver killed); marking it FAIL", ghost.number)
+                self._ot_study.tell(ghost.number, state=TrialState.FAIL)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:  # a resumed driver replays a result the study already has
+            self._completed_trials.add(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        self._completed_trials.add(trial_id)
+        ot_trial = self._ot_trials[trial_id]
+        if self._ot_study.get_trials(deepcopy=False)[ot_trial.number].state.is_finished():
+            return  # told before the driver was killed; Tune's older snapshot did not know
+        if error:
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
+        elif result and result.get("finished"):
+            self._ot_study.tell(ot_trial, result[self.metric], state=TrialState.COMPLETE)
+        else:
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOutcome:
+    best_trial: dict[str, Any]
+    baseline_accuracy: Optional[float]
+    trials: list[dict[str, Any]]
+    parent_run_id: str
+
+
+def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: bool = False) -> SearchOutcome:
+    """Run (or with ``resume``, continue) the search that ``config`` describes; returns the best trial.
+
+    Everything that can fail fast (model, external swarm) is checked before a process starts. Ctrl-C stops
+    the search at once (Tune's own SIGINT handler is off) and leaves it resumable with ``resume=True``.
+    """
+    model_path = str(resolve_model(config.model))
+    if config.swarm.mode == "external":
+        check_swarm_reachable(config.swarm.initial_peers)
+    disk = OutputDisk.for_search(config, model_path)
+    disk.check_room_to_start()
+    with full_disk_reported(disk):
+        return _run_search(config, model_path, address, resume)
+
+
+def _run_search(config: ExperimentConfig, model_path: str, address: Optional[str], resume: bool) -> SearchOutcome:
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # Snapshot the experiment every second (not every 10 s): a killed driver then resumes with at most a
+    # second of trial state lost; what it replays, the MLflow callback and the searcher ignore.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    output_dir = config.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_file = output_dir / "config.yaml"
+    if not (resume and config_file.exists()):
+        config_file.write_text(config.to_yaml())
+    # A sqlite store keeps artifacts beside it; a tracking server (http) stores them itself (artifact proxying).
+    artifact_root = output_dir / "mlartifacts" if config.tracking_uri.startswith("sqlite:") else None
+    # MLflow's own HTTP retries would hold a write for minutes; the outbox sender retries with its own backoff.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    tracker = SearchTracker(config.tracking_uri, config.mlflow.experiment_name, output_dir, artifact_root)
+    outbox = TrackingOutbox.open(output_dir / OUTBOX_DIR)
+    with OutboxSender(outbox, tracker) as sender:
+        deliver_outbox(sender, config)  # records an interrupted run of this search left behind go first
+        try:
+            with _ray(address), _swarm(config, model_path) as initial_peers:
+                settings = _trial_settings(config, model_path, initial_peers)
+                parent_run_id = tracker.start_parent(output_dir.name, _flatten(config.to_dict()), config_file)
+                callback = MlflowTrialCallback(outbox, parent_run_id, _static_params(config))
+                rows = trial_rows(_fit(config, settings, callback, resume), METRIC)
+                best = best_finished_trial(rows, METRIC)
+                baseline = None
+                if config.baseline:
+                    callback = MlflowTrialCallback(outbox, parent_run_id, _static_params(config), role="baseline")
+                    baseline = _run_baseline(config, settings, callback, best["lr"], resume)
+        except BaseException:
+            outbox.append("abort", {})
+            if not sender.flush(min(ABORT_FLUSH_TIMEOUT_S, config.mlflow.flush_timeout_s)):
+                logger.warning(
+                    "MLflow at %s did not take %d records; they are kept in %s for --resume",
+                    config.tracking_uri,
+                    outbox.waiting(),
+                    outbox.directory,
+                )
+            raise
+        study = optuna.load_study(study_name=SEARCH_NAME, storage=_optuna_storage(output_dir))
+        report = write_search_report(output_dir, rows, best, study, baseline, METRIC)
+        summary = {key: [value, int(time.time() * 1000)] for key, value in report.summary.items()}
+        finish = {"parent_run_id": parent_run_id, "best_trial_id": best["trial_id"], "summary": summary}
+        outbox.append("finish_parent", finish, report.files)
+        deliver_outbox(sender, config)
+    return SearchOutcome(best, baseline, rows, parent_run_id)
+
+
+def deliver_outbox(sender: OutboxSender, config: ExperimentConfig) -> None:
+    """Wait for the store to take the outbox; if it stays down, stop, keeping the outbox for ``--resume``."""
+    if not sender.flush(config.mlflow.flush_timeout_s):
+        raise StoreUnreachable(
+            f"MLflow at {config.tracking_uri} did not answer for {config.mlflow.flush_timeout_s:.0f} s; the "
+            f"{sender.outbox.waiting()} records it has not taken are kept in the outbox {sender.outbox.directory}; "
+            "`ptune-search search CONFIG --resume` sends them"
+        )
+
+
+def check_swarm_reachable(initial_peers: list[str]) -> None:
+    """Join the external swarm once as a client, so an unreachable one fails before Ray starts."""
+    from ptune_search.swarm.client.connection import SwarmConnection
+
+    SwarmConnection(initial_peers, startup_timeout=30).close()
+
+
+def _trial_settings(config: ExperimentConfig, model_path: str, initial_peers: list[str]) -> TrialSettings:
+    task, swarm = config.task, config.swarm
+    return TrialSettings(
+        model_path=model_path,
+        task=TaskSpec(task.name, task.text_column, task.label_column),
+        max_length=task.max_length,
+        train_size=task.train_size,
+        validation_size=task.validation_size,
+        max_steps=config.budget.max_steps,
+        eval_every=config.budget.eval_every,
+        batch_size=config.budget.batch_size,
+        seed=config.seed,
+        initial_peers=initial_peers,
+        swarm_timeouts={"request_timeout": swarm.request_timeout, "block_wait_timeout": swarm.block_wait_timeout},
+    )
+
+
+def _optuna_storage(output_dir: Path) -> optuna.storages.RDBStorage:
+    """Next to the MLflow store, so ``optuna-dashboard sqlite:///<output_dir>/optuna.db`` opens it."""
+    return optuna.storages.RDBStorage(f"sqlite:///{output_dir / 'optuna.db'}")
+
+
+def _fit(
+    config: ExperimentConfig, settings: TrialSettings, callback: MlflowTrialCallback, resume: bool
+) -> tune.ResultGrid:
+    storage_path = str(config.output_dir / "ray")
+    trainable = _trainable(config, settings)
+    run_path = Path(storage_path) / SEARCH_NAME
+    if resume and tune.Tuner.can_restore(str(run_path)):
+        logger.info("resuming the search stored in %s", run_path)
+        tuner = tune.Tuner.restore(str(run_path), trainable, resume_errored=True)
+        # The run config comes back with the run; its MLflow callback reattaches to this driver's open outbox.
+        return tuner.fit()
+    space = config.search_space
+    searcher = TruthfulOptunaSearch(
+        space=SearchSpaceSampler(
+            list(space.tuning_modes), (space.pre_seq_len.low, space.pre_seq_len.high), (space.lr.low, space.lr.high)
+        ),
+        metric=METRIC,
+        mode=MODE,
+        sampler=optuna.samplers.TPESampler(seed=config.seed),
+        storage=_optuna_storage(config.output_dir),
+        study_name=SEARCH_NAME,
+    )
+    scheduler = ASHAScheduler(
+        time_attr="step",
+        max_t=config.budget.max_steps,
+        grace_period=config.scheduler.grace_period,
+        reduction_factor=config.scheduler.reduction_factor,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=config.budget.num_samples,
+            max_concurrent_trials=config.budget.max_concurrent_trials,
+        ),
+        run_config=_run_config(
+            SEARCH_NAME, storage_path, callback, config.budget.max_failures, _disk(config, settings)
+        ),
+    )
+    return tuner.fit()
+
+
+def _run_baseline(
+    config: ExperimentConfig, settings: TrialSettings, callback: MlflowTrialCallback, lr: float, resume: bool
+) -> float:
+    """Head only, no prompts, the same step budget and the best trial's learning rate."""
+    storage_path = str(config.output_dir / "ray")
+    run_path = Path(storage_path) / BASELINE_NAME
+    trainable = _trainable(config, settings)
+    if resume and tune.Tuner.can_restore(str(run_path)):
+        tuner = tune.Tuner.restore(str(run_path), trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"tuning_mode": None, "pre_seq_len": 0, "lr": lr},
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=1),
+            run_config=_run_config(
+                BASELINE_NAME, storage_path, callback, config.budget.max_failures, _disk(config, settings)
+            ),
+        )
+    return tuner.fit().get_best_result(METRIC, MODE, scope="last").metrics[METRIC]
+
+
+def _disk(config: ExperimentConfig, settings: TrialSettings) -> OutputDisk:
+    return OutputDisk.for_search(config, settings.model_path)
+
+
+def _trainable(config: ExperimentConfig, settings: TrialSettings) -> Any:
+    trainable = tune.with_parameters(PromptTuningTrial, settings=settings)
+    return tune.with_resources(trainable, {"cpu": config.resources.cpu})
+
+
+def _run_config(
+    name: str, storage_path: str, callback: MlflowTrialCallback, max_failures: int, disk: OutputDisk
+) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        callbacks=[callback, FreeSpaceWatch(disk)],  # the watch after MLflow: the last result is recorded
+        checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True),
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        progress_reporter=tune.CLIReporter(
+            parameter_columns=["tuning_mode", "pre_seq_len", "lr"],
+            metric_columns=["step", "train_loss", "val_loss", "val_accuracy", "tokens_per_s"],
+            max_report_frequency=30,
+        ),
+    )
+
+
+def _static_params(config: ExperimentConfig) -> dict[str, Any]:
+    budget = config.budget
+    return {
+        "model": config.model,
+        "task": config.task.name,
+        "max_length": config.task.max_length,
+        "batch_size": budget.batch_size,
+        "max_steps": budget.max_steps,
+        "eval_every": budget.eval_every,
+        "seed": config.seed,
+    }
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"budget": {"max_steps": 5}}`` -> ``{"budget.max_steps": 5}``: one MLflow param per config field."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@contextlib.contextmanager
+def _ray(address: Optional[str]) -> Iterator[None]:
+    """A private local Ray unless ``address`` names a cluster to join (ray.init() alone may join a stranger's)."""
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _swarm(config: ExperimentConfig, model_path: str) -> Iterator[list[str]]:
+    if config.swarm.mode == "external":
+        yield list(config.swarm.initial_peers)
+        return
+    if config.swarm.mode == "ray":  # servers as Ray actors on the cluster's swarm_host nodes
+        from ptune_search.search.ray_swarm import RaySwarm
+
+        with RaySwarm(model_path, config.model, servers=config.swarm.servers, replicas=config.swarm.replicas) as swarm:
+            yield swarm.initial_peers
+        return
+    from ptune_search.swarm.launcher import LocalSwarm
+
+    with LocalSwarm(model_path, servers=config.swarm.servers, replicas=config.swarm.replicas) as swarm:
+        yield swarm.initial_peers

@@ -1,0 +1,266 @@
+"""MLflow records of a search, written by the driver alone: a parent run and one child run per trial.
+
+Trials never talk to MLflow: they report to Tune, and :class:`MlflowTrialCallback` (a Tune callback in
+the driver) turns those reports into records in a :class:`~ptune_search.search.tracking.outbox.TrackingOutbox`;
+the driver's :class:`~ptune_search.search.tracking.sender.OutboxSender` hands them to :class:`SearchTracker`,
+which writes runs, metric histories and artifacts whenever the store answers. One writer means trials on
+other nodes need no access to the store, and a resumed search finds its runs again by tag instead of
+creating duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from ray import tune
+
+from ptune_search.search.tracking.outbox import OutboxRecord, TrackingOutbox
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
+
+logger = logging.getLogger(__name__)
+
+SEARCH_TAG = "ptune_search.search_dir"
+TRIAL_TAG = "ptune_search.trial_id"
+ROLE_TAG = "ptune_search.role"
+BEST_TAG = "ptune_search.best"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+SEARCHED_PARAMS = ("tuning_mode", "pre_seq_len", "lr")
+TRIAL_ARTIFACTS = ("prompt.safetensors", "head.safetensors", "ptune_config.json")
+STEP_METRICS = ("val_loss", "val_accuracy", "tokens_per_s")
+
+
+def project_git_commit() -> str:
+    """The commit of the checkout this package runs from, or "unknown" outside a git checkout."""
+    try:
+        completed = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except OSError:
+        return "unknown"
+    return completed.stdout.strip() if completed.returncode == 0 else "unknown"
+
+
+class SearchTracker:
+    """The MLflow side of one search: the parent run, and the outbox's records written to the trials' runs.
+
+    Every record is idempotent, so one whose answer was lost can be written again: runs are found by tag
+    before one is created, and a result whose step the run already has is skipped (after a failed write,
+    :meth:`forget_store_state` makes the next one read the store again).
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str, search_dir: Path, artifact_root: Optional[Path]):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.search_dir = str(search_dir)
+        try:
+            experiment = self.client.get_experiment_by_name(experiment_name)
+        except MlflowException as error:
+            raise ConnectionError(
+                f"MLflow at {tracking_uri} does not answer ({str(error)[:300]}); start the store or set "
+                "mlflow.tracking_uri to one that answers"
+            ) from None
+        if experiment is None:
+            location = artifact_root.as_uri() if artifact_root is not None else None
+            self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+        else:
+            self.experiment_id = experiment.experiment_id
+        self.parent_run_id: Optional[str] = None
+        self._run_ids: dict[str, str] = {}  # Tune trial id -> run id, as the store answered
+        self._last_steps: dict[str, int] = {}  # run id -> last logged step, as read from the store
+
+    def start_parent(self, run_name: str, params: dict[str, Any], config_file: Path) -> str:
+        """Reuse the parent of an earlier, interrupted run of the same search directory (resume)."""
+        existing = self._runs(f"tags.`{SEARCH_TAG}` = '{self.search_dir}' and tags.`{ROLE_TAG}` = 'search'")
+        if existing:
+            self.parent_run_id = existing[0].info.run_id
+            self.client.update_run(self.parent_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            return self.parent_run_id
+        tags = {SEARCH_TAG: self.search_dir, ROLE_TAG: "search", GIT_COMMIT_TAG: project_git_commit()}
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
+        self.parent_run_id = run.info.run_id
+        self.client.log_batch(self.parent_run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        self.client.log_artifact(self.parent_run_id, str(config_file))
+        return self.parent_run_id
+
+    def write(self, record: OutboxRecord) -> None:
+        """Apply one outbox record (see :class:`MlflowTrialCallback` and ``run_search`` for what they hold)."""
+        args = record.args
+        match record.operation:
+            case "start_child":
+                self.child_run(args["trial_id"], args["run_name"], args["params"], args["role"], args["parent_run_id"])
+            case "log_result":
+                self.log_result(args["trial_id"], args["step"], args["metrics"])
+            case "finish_child":
+                self.finish_child(args["trial_id"], RunStatus.from_string(args["status"]), list(record.files))
+            case "finish_parent":
+                self.finish_parent(args["parent_run_id"], args["best_trial_id"], args["summary"], list(record.files))
+            case "abort":
+                self.abort()
+            case _:
+                raise ValueError(f"unknown outbox operation {record.operation!r} in record {record.seq}")
+
+    def forget_store_state(self) -> None:
+        self._last_steps.clear()
+
+    def child_run_id(self, trial_id: str) -> Optional[str]:
+        if trial_id not in self._run_ids:
+            existing = self._runs(f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{SEARCH_TAG}` = '{self.search_dir}'")
+            if not existing:
+                return None
+            self._run_ids[trial_id] = existing[0].info.run_id
+        return self._run_ids[trial_id]
+
+    def child_run(self, trial_id: str, run_name: str, params: dict[str, Any], role: str, parent_run_id: str) -> str:
+        """The trial's child run, created on its first start only (a retried or resumed trial keeps its run)."""
+        run_id = self.child_run_id(trial_id)
+        if run_id is None:
+            tags = {
+                MLFLOW_PARENT_RUN_ID: parent_run_id,
+                TRIAL_TAG: trial_id,
+                SEARCH_TAG: self.search_dir,
+                ROLE_TAG: role,
+            }
+            run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name).info.run_id
+            self._run_ids[trial_id] = run_id
+        else:
+            self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        # Also on a found run: the answer to an earlier create may have been lost before its params were sent.
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run_id
+
+    def last_logged_step(self, run_id: str) -> int:
+        history = self.client.get_metric_history(run_id, "val_loss")
+        return max((metric.step for metric in history), default=0)
+
+    def log_result(self, trial_id: str, step: int, metrics: list[list]) -> None:
+        """A result's ``[key, value, timestamp, step]`` metrics, unless the run has its step already."""
+        run_id = self._trial_run(trial_id)
+        if run_id not in self._last_steps:
+            self._last_steps[run_id] = self.last_logged_step(run_id)
+        if step <= self._last_steps[run_id]:
+            return
+        batch = [Metric(key, float(value), int(timestamp), int(at)) for key, value, timestamp, at in metrics]
+        self.client.log_batch(run_id, metrics=batch)
+        self._last_steps[run_id] = step
+
+    def finish_child(self, trial_id: str, status: RunStatus, artifacts: list[Path]) -> None:
+        run_id = self._trial_run(trial_id)
+        for file in artifacts:
+            self.client.log_artifact(run_id, str(file))
+        self.client.set_terminated(run_id, status=RunStatus.to_string(status))
+
+    def finish_parent(
+        self, parent_run_id: str, best_trial_id: Optional[str], summary: dict[str, list], files: list[Path]
+    ) -> None:
+        """``summary`` maps a metric to ``[value, timestamp]``; a value the run already has is not logged twice."""
+        if best_trial_id is not None:
+            best_run_id = self._trial_run(best_trial_id)
+            self.client.set_tag(best_run_id, BEST_TAG, "true")
+            self.client.set_tag(parent_run_id, "best_run_id", best_run_id)
+        logged = self.client.get_run(parent_run_id).data.metrics
+        metrics = [Metric(k, float(v), int(ts), 0) for k, (v, ts) in summary.items() if logged.get(k) != v]
+        self.client.log_batch(parent_run_id, metrics=metrics)
+        for file in files:
+            self.client.log_artifact(parent_run_id, str(file))
+        self.client.set_terminated(parent_run_id, status=RunStatus.to_string(RunStatus.FINISHED))
+
+    def abort(self) -> None:
+        """An interrupted search: its parent and still-running children become KILLED until resumed."""
+        running = self._runs(f"tags.`{SEARCH_TAG}` = '{self.search_dir}' and attributes.status = 'RUNNING'")
+        for run in running:
+            self.client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+
+    def _trial_run(self, trial_id: str) -> str:
+        run_id = self.child_run_id(trial_id)
+        if run_id is None:
+            raise MlflowException(f"no run of trial {trial_id} in search {self.search_dir}", RESOURCE_DOES_NOT_EXIST)
+        return run_id
+
+    def _runs(self, filter_string: str) -> list:
+        return list(
+            self.client.search_runs([self.experiment_id], filter_string, order_by=["attributes.start_time DESC"])
+        )
+
+
+def trial_params(trial: "Trial", static_params: dict[str, Any]) -> dict[str, Any]:
+    params = {key: trial.config[key] for key in SEARCHED_PARAMS if key in trial.config}
+    return {**params, **static_params}
+
+
+class MlflowTrialCallback(tune.Callback):
+    """Turns Tune's trial events in the driver into outbox records for child runs of the search's parent run.
+
+    It never waits for MLflow: appending a record is a local file write. Tune pickles its callbacks with the
+    run; the outbox pickles as its directory and reattaches to the open one when a search is resumed.
+    """
+
+    def __init__(self, outbox: TrackingOutbox, parent_run_id: str, static_params: dict[str, Any], role: str = "trial"):
+        self.outbox = outbox
+        self.parent_run_id = parent_run_id
+        self.static_params = static_params
+        self.role = role
+        self.started: set[str] = set()
+        self.checkpoints: dict[str, tune.Checkpoint] = {}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: "Trial", **info: Any) -> None:
+        self._start(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: "Trial", result: dict, **info: Any) -> None:
+        """Per-step histories: each training step's loss, and the evaluation metrics at the window's end.
+
+        A trial retried from an older checkpoint, or a resumed one, replays some steps: the tracker skips them.
+        """
+        self._start(trial)
+        step, now = int(result["step"]), int(time.time() * 1000)
+        losses = result.get("train_losses", [])
+        metrics = [["train_loss", float(loss), now, step - len(losses) + 1 + i] for i, loss in enumerate(losses)]
+        metrics += [[key, float(result[key]), now, step] for key in STEP_METRICS if key in result]
+        self.outbox.append("log_result", {"trial_id": trial.trial_id, "step": step, "metrics": metrics})
+
+    def on_checkpoint(
+        self, iteration: int, trials: list, trial: "Trial", checkpoint: tune.Checkpoint, **info: Any
+    ) -> None:
+        self.checkpoints[trial.trial_id] = checkpoint
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: "Trial", **info: Any) -> None:
+        finished = bool((trial.last_result or {}).get("finished"))
+        self._finish(trial, RunStatus.FINISHED if finished else RunStatus.KILLED)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: "Trial", **info: Any) -> None:
+        self._finish(trial, RunStatus.FAILED)
+
+    def _start(self, trial: "Trial") -> None:
+        if trial.trial_id in self.started:
+            return
+        args = {
+            "trial_id": trial.trial_id,
+            "run_name": str(trial),
+            "params": trial_params(trial, self.static_params),
+            "role": self.role,
+            "parent_run_id": self.parent_run_id,
+        }
+        self.outbox.append("start_child", args)
+        self.started.add(trial.trial_id)
+
+    def _finish(self, trial: "Trial", status: RunStatus) -> None:
+        """The checkpoint's artifacts are copied into the outbox now: Tune may delete the checkpoint later."""
+        self._start(trial)
+        args = {"trial_id": trial.trial_id, "status": RunStatus.to_string(status)}
+        checkpoint = self.checkpoints.get(trial.trial_id) or trial.checkpoint
+        if checkpoint is None:
+            self.outbox.append("finish_child", args)
+            return
+        with checkpoint.as_directory() as folder:
+            files = [Path(folder) / name for name in TRIAL_ARTIFACTS if (Path(folder) / name).is_file()]
+            self.outbox.append("finish_child", args, files)

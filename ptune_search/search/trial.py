@@ -1,0 +1,157 @@
+"""One search trial: a Ray Tune actor that trains prompts and a head through the swarm.
+
+A Tune iteration is ``eval_every`` optimizer steps followed by an evaluation on the validation split.
+Checkpoints hold the prompts, the head, the optimizer state and the step counter, so a retried trial
+continues where it stopped, on the same data order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from ray import tune
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoTokenizer
+
+from ptune_search.data import TaskSpec, load_task
+from ptune_search.models import DistributedLlamaForSequenceClassification
+from ptune_search.models.ptune import PTuneConfig
+from ptune_search.search.training import evaluate, train_step, trainable_parameters
+
+PROMPT_FILE = "prompt.safetensors"
+HEAD_FILE = "head.safetensors"
+PTUNE_CONFIG_FILE = "ptune_config.json"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trial_state.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of one search shares; the searched values come in the Tune config."""
+
+    model_path: str
+    task: TaskSpec
+    max_length: int
+    train_size: Optional[int]
+    validation_size: Optional[int]
+    max_steps: int
+    eval_every: int
+    batch_size: int
+    seed: int
+    initial_peers: Optional[list[str]] = None  # None: blocks in the trial's own process (tests, baselines)
+    swarm_timeouts: Optional[dict[str, float]] = None  # client settings (request_timeout, block_wait_timeout)
+
+
+def build_classifier(
+    model_path: str,
+    num_labels: int,
+    pad_token_id: int,
+    ptune: PTuneConfig,
+    initial_peers: Optional[list[str]],
+    swarm_timeouts: Optional[dict[str, float]] = None,
+) -> DistributedLlamaForSequenceClassification:
+    """``swarm_timeouts`` (e.g. ``{"request_timeout": 10}``) override the swarm client's defaults."""
+    config = AutoConfig.from_pretrained(model_path)
+    config.num_labels = num_labels
+    config.pad_token_id = pad_token_id
+    config.tuning_mode = ptune.tuning_mode
+    config.pre_seq_len = ptune.pre_seq_len
+    if not initial_peers:
+        return DistributedLlamaForSequenceClassification.from_pretrained(model_path, config=config, local_blocks=True)
+    return DistributedLlamaForSequenceClassification.from_pretrained(
+        model_path, config=config, initial_peers=initial_peers, **(swarm_timeouts or {})
+    )
+
+
+def ptune_config_of(searched: dict[str, Any]) -> PTuneConfig:
+    """The searched values as a PTuneConfig; a head-only baseline has no tuning mode."""
+    mode = searched.get("tuning_mode")
+    return PTuneConfig(pre_seq_len=int(searched["pre_seq_len"]) if mode else 0, tuning_mode=mode)
+
+
+class PromptTuningTrial(tune.Trainable):
+    """Tune config: ``tuning_mode``, ``pre_seq_len``, ``lr``; ``settings`` comes via ``tune.with_parameters``."""
+
+    def setup(self, config: dict[str, Any], settings: TrialSettings) -> None:
+        torch.set_num_threads(max(1, int(self.trial_resources.required_resources.get("CPU", 1))))
+        torch.manual_seed(settings.seed)
+        self.settings = settings
+        self.ptune = ptune_config_of(config)
+        tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+        self.task = load_task(
+            settings.task, tokenizer, settings.max_length, settings.train_size, settings.validation_size, settings.seed
+        )
+        self.model = build_classifier(
+            settings.model_path,
+            self.task.num_labels,
+            tokenizer.pad_token_id,
+            self.ptune,
+            settings.initial_peers,
+            settings.swarm_timeouts,
+        )
+        self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=config["lr"])
+        self.steps_done = 0
+        self.latest_result: dict[str, Any] = {}
+        self.batches = self.task.train_batches(settings.batch_size, settings.seed)
+
+    def step(self) -> dict[str, Any]:
+        settings = self.settings
+        if self.steps_done >= settings.max_steps:
+            return dict(self.latest_result)  # restored from its final checkpoint: nothing left to train
+        window = min(settings.eval_every, settings.max_steps - self.steps_done)
+        losses, tokens, started = [], 0, time.perf_counter()
+        for _ in range(window):
+            result = train_step(self.model, self.optimizer, next(self.batches))
+            losses.append(result.loss)
+            tokens += result.tokens
+        train_seconds = time.perf_counter() - started
+        self.steps_done += window
+        evaluation = evaluate(self.model, self.task.validation, settings.batch_size)
+        finished = self.steps_done >= settings.max_steps
+        self.latest_result = {
+            "step": self.steps_done,
+            "train_loss": sum(losses) / len(losses),
+            "train_losses": losses,
+            "val_loss": evaluation.loss,
+            "val_accuracy": evaluation.accuracy,
+            "tokens_per_s": tokens / train_seconds,
+            "finished": finished,
+            "done": finished,
+        }
+        return dict(self.latest_result)  # Tune adds its own keys to what it gets
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        folder = Path(checkpoint_dir)
+        trained = {name: p.detach().contiguous() for name, p in self.model.named_parameters() if p.requires_grad}
+        head_prefix = f"{self.model.trainable_head}."
+        save_file({k: v for k, v in trained.items() if not k.startswith(head_prefix)}, folder / PROMPT_FILE)
+        save_file({k: v for k, v in trained.items() if k.startswith(head_prefix)}, folder / HEAD_FILE)
+        (folder / PTUNE_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.ptune)))
+        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+        (folder / STATE_FILE).write_text(json.dumps({"step": self.steps_done, "latest_result": self.latest_result}))
+
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        folder = Path(checkpoint_dir)
+        tensors = {**load_file(folder / PROMPT_FILE), **load_file(folder / HEAD_FILE)}
+        unexpected = self.model.load_state_dict(tensors, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"checkpoint {folder} holds tensors this trial's model lacks: {unexpected}")
+        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE))
+        state = json.loads((folder / STATE_FILE).read_text())
+        self.steps_done, self.latest_result = state["step"], state["latest_result"]
+        self.batches = self.task.train_batches(self.settings.batch_size, self.settings.seed)
+        for _ in range(self.steps_done):  # the same data order as a run that never stopped
+            next(self.batches)
+        print(
+            f"resumed trial at step {self.steps_done} from {folder.name}", flush=True
+        )  # Ray forwards it to the driver
+
+    def cleanup(self) -> None:
+        close = getattr(self.model.model.layers, "close", None)  # a swarm connection; local blocks have none
+        if close is not None:
+            close()

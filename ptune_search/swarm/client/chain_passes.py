@@ -1,0 +1,186 @@
+"""Forward and backward passes over a chain of remote spans, with retries, bans and re-routing.
+
+Forward walks the blocks from ``start`` to ``end``: each hop asks the router for a span starting at the
+current block, sends the hidden states (and that span's deep prompts), and records a :class:`Hop`. A failed
+hop bans its server and is retried from the same block on another route, after a backoff. When every known
+server of that block is banned, the router re-reads the DHT first: a server that died is gone once its
+records expire, and the router then waits for a replacement (``block_wait_timeout``) or raises
+:class:`~ptune_search.swarm.client.routing.MissingBlockError` naming the block.
+
+Backward walks the hops in reverse; each server finds the forward graph it kept for the hop's request id.
+If a server fails, the hop's blocks are run forward again elsewhere from the hop's saved input (new hops,
+whose graphs the new servers keep) and the backward continues through them.
+
+Errors the client caused (``bad_request``) are raised at once: no other server would answer differently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from ptune_search.swarm.client.routing import BlockRouter, RemoteSpan
+from ptune_search.swarm.protocol import BlockService, ErrorKind, RequestRefused, span_uid
+from ptune_search.swarm.wire import STREAM_THRESHOLD, WIRE_DTYPES, call_server
+
+if TYPE_CHECKING:
+    from hivemind.p2p import P2P
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmRequestError(RuntimeError):
+    """A pass through the swarm failed after all retries."""
+
+
+@dataclasses.dataclass
+class ChainSettings:
+    request_timeout: float = 30.0
+    max_retries: int = 5  # failed attempts per block before giving up
+    backoff_base: float = 0.5
+    backoff_max: float = 8.0
+    stream_threshold: int = STREAM_THRESHOLD
+
+
+@dataclasses.dataclass
+class Hop:
+    """One forward call that succeeded: blocks of ``span`` computed from ``inputs`` under ``request_id``."""
+
+    span: RemoteSpan
+    inputs: torch.Tensor
+    request_id: str
+
+
+class ChainPasses:
+    def __init__(self, p2p: "P2P", router: BlockRouter, settings: ChainSettings):
+        self.p2p, self.router, self.settings = p2p, router, settings
+        self.stats = {"failed_calls": 0, "rerouted_backward_hops": 0, "server_recomputes": 0}
+
+    async def forward(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompts: Optional[torch.Tensor],
+        start: int,
+        end: int,
+        keep: bool,
+    ) -> tuple[torch.Tensor, list[Hop]]:
+        """Run blocks ``start..end-1``; ``prompts`` holds all blocks' deep prompts ``[B or 1, P * L, H]`` or None."""
+        hops: list[Hop] = []
+        block, failures = start, 0
+        while block < end:
+            span = await self.router.choose_span(block, end)
+            request_id = uuid.uuid4().hex
+            tensors = [hidden, attention_mask]
+            try:
+                (output,), _ = await self._call("forward", span, tensors, prompts, request_id, keep=keep)
+            except Exception as e:
+                failures = await self._on_failure("forward", span, failures, e)
+                continue
+            self.router.on_success(span.peer_id)
+            hops.append(Hop(span, hidden, request_id))
+            hidden, block, failures = output, span.end, 0
+        return hidden, hops
+
+    async def backward(
+        self,
+        grad_outputs: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompts: Optional[torch.Tensor],
+        hops: list[Hop],
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Grads for the first hop's inputs and for ``prompts`` (zero outside the hops' blocks)."""
+        hops = list(hops)
+        grad_prompts = torch.zeros_like(prompts) if prompts is not None else None
+        pre_seq_len = self._pre_seq_len(prompts)
+        grad, failures = grad_outputs, 0
+        while hops:
+            hop = hops.pop()
+            span = hop.span
+            try:
+                tensors = [hop.inputs, attention_mask, grad]
+                grads, metadata = await self._call("backward", span, tensors, prompts, hop.request_id)
+            except Exception as e:
+                failures = await self._on_failure("backward", span, failures, e)
+                self.stats["rerouted_backward_hops"] += 1
+                _, new_hops = await self.forward(hop.inputs, attention_mask, prompts, span.start, span.end, keep=True)
+                hops.extend(new_hops)
+                continue
+            self.router.on_success(span.peer_id)
+            if metadata.get("recomputed"):
+                self.stats["server_recomputes"] += 1
+            grad, failures = grads[0], 0
+            if grad_prompts is not None:
+                grad_prompts[:, span.start * pre_seq_len : span.end * pre_seq_len] = grads[1]
+        return grad, grad_prompts
+
+    def _pre_seq_len(self, prompts: Optional[torch.Tensor]) -> int:
+        return 0 if prompts is None else prompts.shape[1] // self.router.num_blocks
+
+    async def _call(
+        self,
+        method: str,
+        span: RemoteSpan,
+        tensors: list[torch.Tensor],
+        prompts: Optional[torch.Tensor],
+        request_id: str,
+        keep: bool = False,
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """One RPC to ``span``'s server; hidden-size tensors travel in the server's dtype and come back in ours."""
+        dtype = tensors[0].dtype
+        wire_dtype = WIRE_DTYPES.get(span.record.dtype, dtype)
+        tensors = [t.to(wire_dtype) if t.is_floating_point() else t for t in tensors]
+        pre_seq_len = self._pre_seq_len(prompts)
+        metadata: dict[str, Any] = {"request_id": request_id, "pre_seq_len": pre_seq_len}
+        if method == "forward":
+            metadata["keep"] = keep
+        if prompts is not None:
+            tensors.append(prompts[:, span.start * pre_seq_len : span.end * pre_seq_len])
+        stub = BlockService.get_stub(self.p2p, span.peer_id)
+        outputs, response = await call_server(
+            stub,
+            method,
+            span_uid(self.router.prefix, span.start, span.end),
+            tensors,
+            metadata,
+            timeout=self.settings.request_timeout,
+            stream_threshold=self.settings.stream_threshold,
+        )
+        expected_shapes = [tensors[0].shape] + (
+            [tensors[-1].shape] if method == "backward" and prompts is not None else []
+        )
+        if [output.shape for output in outputs] != expected_shapes:
+            raise ConnectionError(f"server {span} sent a malformed {method} response")
+        outputs[0] = outputs[0].to(dtype)
+        return outputs, response
+
+    async def _on_failure(self, method: str, span: RemoteSpan, failures: int, error: Exception) -> int:
+        """Ban the server, raise if the retries are spent or the request itself is bad, else back off (and
+        re-read the DHT if every server of the block is banned)."""
+        if isinstance(error, RequestRefused) and error.kind == ErrorKind.BAD_REQUEST:
+            raise RequestRefused(
+                error.kind,
+                f"server {span.peer_id} refused the {method} for blocks {span.start}:{span.end}: {error.message}",
+            ) from None
+        self.stats["failed_calls"] += 1
+        failures += 1
+        self.router.ban(span.peer_id)
+        if failures > self.settings.max_retries:
+            raise SwarmRequestError(
+                f"no server could run block {self.router.uids[span.start]}: {method} through blocks "
+                f"{span.start}:{span.end} failed {failures} times in a row; "
+                f"last error from server {span.peer_id}: {type(error).__name__}: {error}"
+            ) from error
+        delay = (
+            0.0 if failures == 1 else min(self.settings.backoff_base * 2 ** (failures - 2), self.settings.backoff_max)
+        )
+        logger.warning(f"{method} via {span} failed ({type(error).__name__}: {error}); retrying in {delay:.1f}s")
+        await asyncio.sleep(delay)
+        if all(self.router.is_banned(peer) for peer in self.router.servers_for(span.start)):
+            await self.router.refresh()  # the failed servers may have died: their records expire
+        return failures

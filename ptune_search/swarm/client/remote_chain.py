@@ -1,0 +1,158 @@
+"""The model's transformer blocks as served by the swarm: a module with the call signature of local blocks.
+
+``RemoteBlockChain.connect(config)`` joins the swarm through ``config.initial_peers`` and finds the blocks
+``<prefix>.0 .. <prefix>.<L-1>`` (prefix: see :func:`~ptune_search.swarm.protocol.model_prefix`). Calling it
+as ``chain(hidden [B, T, H], attention_mask [B, T], deep_prompts [B, P * L, H] or None)`` runs all blocks
+remotely; with grad enabled it is an autograd function whose backward returns grads for the hidden states
+and the deep prompts. Deep prompts expanded over the batch (``get_prompt``) travel once, not ``B`` times.
+
+Example::
+
+    config = DistributedLlamaConfig.from_any(AutoConfig.from_pretrained(path))
+    config.initial_peers = open("peers.txt").read().split()
+    chain = RemoteBlockChain.connect(config)
+    hidden = chain(hidden, attention_mask, None)
+    chain.close()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ptune_search.swarm.client.chain_passes import ChainPasses, ChainSettings, Hop
+from ptune_search.swarm.client.connection import SwarmConnection
+from ptune_search.swarm.client.routing import BlockRouter
+from ptune_search.swarm.protocol import model_prefix
+from ptune_search.swarm.wire import STREAM_THRESHOLD
+
+
+@dataclasses.dataclass
+class ClientSettings:
+    """Client settings; ``from_config`` reads the DistributedLlamaConfig fields of the same names."""
+
+    request_timeout: float = 30.0
+    max_retries: int = 5
+    block_wait_timeout: float = 30.0
+    ban_timeout: float = 15.0
+    route_update_period: float = 30.0
+    stream_threshold: int = STREAM_THRESHOLD  # payloads above this many bytes are streamed
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ClientSettings":
+        defaults = cls()
+        values = {f.name: getattr(config, f.name, None) for f in dataclasses.fields(cls)}
+        return cls(**{name: getattr(defaults, name) if value is None else value for name, value in values.items()})
+
+
+class RemoteBlockChain(nn.Module):
+    def __init__(self, connection: SwarmConnection, prefix: str, num_blocks: int, settings: ClientSettings):
+        super().__init__()
+        self.connection, self.prefix, self.num_blocks, self.settings = connection, prefix, num_blocks, settings
+        self.router = BlockRouter(
+            connection.node,
+            prefix,
+            num_blocks,
+            update_period=settings.route_update_period,
+            ban_timeout=settings.ban_timeout,
+            block_wait_timeout=settings.block_wait_timeout,
+        )
+        chain_settings = ChainSettings(
+            request_timeout=settings.request_timeout,
+            max_retries=settings.max_retries,
+            stream_threshold=settings.stream_threshold,
+        )
+        self.passes = ChainPasses(connection.p2p, self.router, chain_settings)
+        self.last_route: list[tuple[str, int, int]] = []  # (peer id, start, end) of the last forward's hops
+
+    @classmethod
+    def connect(
+        cls, config: Any, dtype: torch.dtype = torch.float32, *, initial_peers: Optional[Sequence[str]] = None
+    ) -> "RemoteBlockChain":
+        """Join the swarm of ``config.initial_peers`` (or ``initial_peers``) for the model ``config`` describes.
+
+        ``dtype`` is the dtype of the hidden states the model passes in; servers of another dtype get theirs.
+        """
+        peers = list(initial_peers or getattr(config, "initial_peers", None) or [])
+        connection = SwarmConnection(peers)
+        return cls(connection, model_prefix(config), config.num_hidden_layers, ClientSettings.from_config(config))
+
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, deep_prompts: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        attention_mask = self._check_inputs(hidden, attention_mask, deep_prompts)
+        needs_grad = torch.is_grad_enabled() and (
+            hidden.requires_grad or (deep_prompts is not None and deep_prompts.requires_grad)
+        )
+        if needs_grad:
+            return _RemoteChainFunction.apply(hidden, attention_mask, deep_prompts, self)
+        prompts = _wire_prompts(deep_prompts)
+        output, hops = self.connection.run(
+            self.passes.forward(hidden.detach(), attention_mask, prompts, 0, self.num_blocks, keep=False)
+        )
+        self._remember(hops)
+        return output
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def _remember(self, hops: list[Hop]) -> None:
+        self.last_route = [(span.peer_id.to_base58(), span.start, span.end) for span in (hop.span for hop in hops)]
+
+    def _check_inputs(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, deep_prompts: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        if hidden.ndim != 3:
+            raise ValueError(f"hidden states must be [batch, length, hidden], got shape {list(hidden.shape)}")
+        if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"attention_mask must be {list(hidden.shape[:2])}, got {list(attention_mask.shape)}")
+        if deep_prompts is not None:
+            batch, rows, size = deep_prompts.shape
+            if batch != hidden.shape[0] or size != hidden.shape[2] or rows % self.num_blocks or not rows:
+                raise ValueError(
+                    f"deep prompts must be [batch, pre_seq_len * {self.num_blocks}, hidden] = "
+                    f"[{hidden.shape[0]}, P * {self.num_blocks}, {hidden.shape[2]}], got {list(deep_prompts.shape)}"
+                )
+        return attention_mask.detach().to(torch.long).cpu()
+
+    def extra_repr(self) -> str:
+        return f"prefix={self.prefix!r}, num_blocks={self.num_blocks}, peers={self.connection.initial_peers}"
+
+
+def _wire_prompts(deep_prompts: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Deep prompts as sent: one row when they are the same for the whole batch (an expanded view)."""
+    if deep_prompts is None:
+        return None
+    deep_prompts = deep_prompts.detach()
+    if deep_prompts.shape[0] > 1 and deep_prompts.stride(0) == 0:
+        return deep_prompts[:1]
+    return deep_prompts
+
+
+class _RemoteChainFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, attention_mask, deep_prompts, chain: RemoteBlockChain):
+        prompts = _wire_prompts(deep_prompts)
+        output, hops = chain.connection.run(
+            chain.passes.forward(hidden.detach(), attention_mask, prompts, 0, chain.num_blocks, keep=True)
+        )
+        chain._remember(hops)
+        ctx.chain, ctx.hops, ctx.prompts = chain, hops, prompts
+        ctx.batch = hidden.shape[0]
+        ctx.save_for_backward(attention_mask)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (attention_mask,) = ctx.saved_tensors
+        chain: RemoteBlockChain = ctx.chain
+        grad_hidden, grad_prompts = chain.connection.run(
+            chain.passes.backward(grad_output.contiguous(), attention_mask, ctx.prompts, ctx.hops)
+        )
+        if grad_prompts is not None and grad_prompts.shape[0] != ctx.batch:
+            # The prompts were one shared row: its grad is the batch's sum, which the expand's backward re-sums.
+            grad_prompts = (grad_prompts / ctx.batch).expand(ctx.batch, -1, -1)
+        return grad_hidden, None, grad_prompts, None

@@ -1,0 +1,164 @@
+"""A block server: blocks ``start..end-1`` of one checkpoint, frozen, served to the swarm over hivemind.
+
+Lifecycle: join the DHT and announce ``joining`` -> load only the span's weights -> measure throughput ->
+register the RPCs and announce ``online`` (refreshed every ``refresh_period``) -> on stop announce
+``offline``, fail queued work and shut down the p2p daemon. All work of all clients runs on one compute
+thread through a :class:`FairQueue`; servers on one machine share its cores through :class:`HostCores`.
+
+Example::
+
+    server = BlockServer("/models/SmolLM2-135M", 0, 15, initial_peers=["/ip4/127.0.0.1/tcp/4321/p2p/Qm..."])
+    asyncio.run(server.run(stop_event))   # returns after stop_event is set
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from transformers import AutoConfig
+
+from ptune_search.models.llama.blocks import LlamaBlockSpan
+from ptune_search.swarm.protocol import (
+    PROTOCOL_VERSION,
+    BlockService,
+    RequestLimits,
+    ServerRecord,
+    ServerState,
+    block_uids,
+    model_prefix,
+)
+from ptune_search.swarm.server.activation_cache import ActivationCache
+from ptune_search.swarm.server.announcer import ServerAnnouncer
+from ptune_search.swarm.server.checks import ServedSpan
+from ptune_search.swarm.server.fair_queue import FairQueue
+from ptune_search.swarm.server.handlers import BlockRPCHandlers
+from ptune_search.swarm.server.host_cores import HostCores
+from ptune_search.swarm.wire import dtype_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    """How a block server runs; the defaults suit one machine. Times are in seconds."""
+
+    dht_prefix: Optional[str] = None  # default: the checkpoint folder's name (see protocol.model_prefix)
+    dtype: torch.dtype = torch.float32
+    num_threads: Optional[int] = None  # torch threads for compute; default: torch's own choice
+    limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
+    cache_bytes: int = 2 * 1024**3  # forward graphs kept for backward
+    cache_max_age: float = 600.0
+    record_ttl: float = 60.0
+    refresh_period: Optional[float] = None  # default: record_ttl / 3
+    host: str = "127.0.0.1"
+    port: int = 0
+    compute_lock: Optional[Path] = None  # lock-file prefix shared by the servers of one machine (HostCores)
+
+
+class BlockServer:
+    def __init__(
+        self,
+        model_path: str | Path,
+        start: int,
+        end: int,
+        initial_peers: Sequence[str],
+        settings: Optional[ServerSettings] = None,
+    ):
+        self.model_path = Path(model_path)
+        self.settings = settings or ServerSettings()
+        self.config = AutoConfig.from_pretrained(self.model_path)
+        num_blocks = self.config.num_hidden_layers
+        if not 0 <= start < end <= num_blocks:
+            raise ValueError(f"blocks {start}:{end} are outside the model's 0:{num_blocks} ({self.model_path})")
+        if not initial_peers:
+            raise ValueError("a block server needs initial_peers: the multiaddrs of a bootstrap peer of the swarm")
+        self.start, self.end, self.initial_peers = start, end, list(initial_peers)
+        self.prefix = self.settings.dht_prefix or model_prefix(self.config)
+        self.uids = block_uids(self.prefix, start, end)
+        self.peer_id: Optional[str] = None
+        self.maddrs: list[str] = []
+
+    async def run(self, stop: asyncio.Event, on_online: Optional[Callable[["BlockServer"], None]] = None) -> None:
+        """Serve until ``stop`` is set, then leave the swarm cleanly."""
+        from hivemind.dht import DHTNode
+
+        settings = self.settings
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        node = await DHTNode.create(
+            initial_peers=self.initial_peers, host_maddrs=[f"/ip4/{settings.host}/tcp/{settings.port}"]
+        )
+        self.peer_id = node.peer_id.to_base58()
+        self.maddrs = [str(addr) for addr in await node.get_visible_maddrs()]
+        announcer = ServerAnnouncer(node, self.uids, ttl=settings.record_ttl, refresh_period=settings.refresh_period)
+        cores = HostCores(settings.compute_lock) if settings.compute_lock else None
+        queue = FairQueue(
+            settings.limits.max_queue, cores=cores, set_threads=torch.set_num_threads, threads=settings.num_threads
+        )
+        record = ServerRecord(ServerState.JOINING, self.start, self.end, dtype=dtype_name(settings.dtype))
+        try:
+            await announcer.announce(record)
+            announcer.start()
+            loop = asyncio.get_running_loop()
+            span = await loop.run_in_executor(None, self._load_span)
+            throughput = await loop.run_in_executor(None, measure_throughput, span, settings.dtype)
+            queue.start()
+            handlers = self._handlers(span, queue, throughput)
+            await BlockService().add_p2p_handlers(node.p2p, wrapper=handlers)
+            await announcer.announce(dataclasses.replace(record, state=ServerState.ONLINE, throughput=throughput))
+            logger.info(f"serving {self.uids[0]}..{self.uids[-1]} as peer {self.peer_id}")
+            if on_online is not None:
+                on_online(self)
+            await stop.wait()
+        finally:
+            await announcer.stop(announce_offline=True)
+            queue.close()
+            if cores is not None:
+                cores.close()
+            await node.shutdown()
+            logger.info(f"block server {self.peer_id} stopped")
+
+    def _load_span(self) -> LlamaBlockSpan:
+        started = time.perf_counter()
+        span = LlamaBlockSpan.from_checkpoint(self.model_path, self.config, self.start, self.end, self.settings.dtype)
+        logger.info(f"loaded blocks {self.start}:{self.end} in {time.perf_counter() - started:.1f}s")
+        return span
+
+    def _handlers(self, span: LlamaBlockSpan, queue: FairQueue, throughput: float) -> BlockRPCHandlers:
+        settings = self.settings
+        served = ServedSpan(self.prefix, self.start, self.end, self.config.hidden_size, settings.dtype, settings.limits)
+        info = {
+            "prefix": self.prefix,
+            "start": self.start,
+            "end": self.end,
+            "hidden_size": self.config.hidden_size,
+            "dtype": dtype_name(settings.dtype),
+            "limits": settings.limits.to_dict(),
+            "throughput": throughput,
+            "version": PROTOCOL_VERSION,
+        }
+        cache = ActivationCache(settings.cache_bytes, settings.cache_max_age)
+        return BlockRPCHandlers(span, served, queue, cache, info)
+
+
+def measure_throughput(span: LlamaBlockSpan, dtype: torch.dtype, tokens: int = 128) -> float:
+    """Tokens per second of one forward through the whole span (the second of two runs)."""
+    hidden = torch.randn(1, tokens, _hidden_size(span), dtype=dtype)
+    mask = torch.ones(1, tokens, dtype=torch.long)
+    elapsed = float("inf")
+    with torch.no_grad():
+        for _ in range(2):
+            started = time.perf_counter()
+            span(hidden, mask)
+            elapsed = time.perf_counter() - started
+    return tokens / max(elapsed, 1e-9)
+
+
+def _hidden_size(span: LlamaBlockSpan) -> int:
+    return span.blocks[0].input_layernorm.weight.shape[0]

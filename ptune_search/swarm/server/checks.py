@@ -1,0 +1,184 @@
+"""Checks a block server applies to every forward/backward request before any work is queued.
+
+A request is refused with :class:`RequestRefused` whose message names the offending part and what the
+server expects, e.g. ``hidden states must have hidden size 64 (got 32)``. The layout of the tensors:
+
+- forward:  ``[hidden [B, T, H], attention_mask [B, T], (deep_prompts [B or 1, P * n, H])]``
+- backward: ``[hidden [B, T, H], attention_mask [B, T], grad_outputs [B, T, H], (deep_prompts)]``
+
+and the metadata: ``{"request_id": str, "pre_seq_len": int (0 without deep prompts), "keep": bool}``
+(``keep``: forward only, keep the graph for the backward that follows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from ptune_search.swarm.protocol import (
+    ErrorKind,
+    RequestLimits,
+    RequestRefused,
+    metadata_field,
+    parse_span_uid,
+    unpack_metadata,
+)
+from ptune_search.swarm.wire import deserialize_tensor, dtype_name
+
+MAX_REQUEST_ID = 128
+MASK_DTYPES = (torch.int64, torch.int32, torch.int8, torch.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedSpan:
+    """What a server serves, to check requests against."""
+
+    prefix: str
+    start: int
+    end: int
+    hidden_size: int
+    dtype: torch.dtype
+    limits: RequestLimits
+
+
+@dataclasses.dataclass
+class SpanRequest:
+    start: int
+    end: int
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    prompts: Optional[torch.Tensor]
+    grad_outputs: Optional[torch.Tensor]
+    request_id: str
+    keep_activations: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[0] * self.hidden.shape[1]
+
+
+def bad_request(message: str) -> RequestRefused:
+    return RequestRefused(ErrorKind.BAD_REQUEST, message)
+
+
+def check_payload_size(messages: Sequence[runtime_pb2.Tensor], limits: RequestLimits) -> None:
+    size = sum(len(message.buffer) for message in messages)
+    if size > limits.max_payload_bytes:
+        raise bad_request(f"payload of {size} bytes exceeds the server's limit of {limits.max_payload_bytes} bytes")
+
+
+def decode_tensors(messages: Sequence[runtime_pb2.Tensor]) -> list[torch.Tensor]:
+    try:
+        return [deserialize_tensor(message) for message in messages]
+    except ValueError as e:
+        raise bad_request(f"malformed tensor: {e}") from None
+
+
+def parse_span_request(
+    kind: str, uid: str, tensors: Sequence[torch.Tensor], metadata: bytes, served: ServedSpan
+) -> SpanRequest:
+    """Check a ``kind`` ("forward" or "backward") request for the blocks in ``uid``; refuse it if anything is off."""
+    start, end = _check_blocks(uid, served)
+    try:
+        fields = unpack_metadata(metadata)
+        request_id = metadata_field(fields, "request_id", str)
+        pre_seq_len = metadata_field(fields, "pre_seq_len", int, 0)
+        keep = metadata_field(fields, "keep", bool, False)
+    except ValueError as e:
+        raise bad_request(f"bad metadata: {e}") from None
+    if not 0 < len(request_id) <= MAX_REQUEST_ID:
+        raise bad_request(f"request_id must have 1..{MAX_REQUEST_ID} characters")
+    if pre_seq_len < 0:
+        raise bad_request(f"pre_seq_len must be >= 0 (got {pre_seq_len})")
+
+    base = 3 if kind == "backward" else 2
+    has_prompts = pre_seq_len > 0
+    if len(tensors) != base + has_prompts:
+        names = "hidden, attention_mask" + (", grad_outputs" if kind == "backward" else "")
+        raise bad_request(
+            f"a {kind} request carries [{names}] plus deep prompts when pre_seq_len > 0 "
+            f"(got {len(tensors)} tensors with pre_seq_len={pre_seq_len})"
+        )
+    hidden, mask = tensors[0], tensors[1]
+    grad_outputs = tensors[2] if kind == "backward" else None
+    prompts = tensors[base] if has_prompts else None
+
+    _check_hidden("hidden states", hidden, served)
+    batch, length, _ = hidden.shape
+    if batch * length > served.limits.max_tokens:
+        raise bad_request(
+            f"too many tokens: batch {batch} x length {length} = {batch * length} exceeds the server's "
+            f"limit of {served.limits.max_tokens}; split the batch"
+        )
+    _check_mask(mask, batch, length)
+    if grad_outputs is not None:
+        _check_hidden("grad_outputs", grad_outputs, served)
+        if grad_outputs.shape != hidden.shape:
+            raise bad_request(
+                f"grad_outputs must have the shape of hidden {list(hidden.shape)}, got {list(grad_outputs.shape)}"
+            )
+    if prompts is not None:
+        _check_prompts(prompts, pre_seq_len, batch, length, end - start, served)
+    for name, tensor in (("hidden states", hidden), ("grad_outputs", grad_outputs), ("deep prompts", prompts)):
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            raise bad_request(f"{name} contain NaN or infinite values")
+    return SpanRequest(start, end, hidden, mask, prompts, grad_outputs, request_id, keep)
+
+
+def _check_blocks(uid: str, served: ServedSpan) -> tuple[int, int]:
+    try:
+        prefix, start, end = parse_span_uid(uid)
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+    if prefix != served.prefix or start < served.start or end > served.end:
+        raise RequestRefused(
+            ErrorKind.UNKNOWN_BLOCK,
+            f"unknown blocks {uid[:200]!r}: this server serves {served.prefix}.{served.start}"
+            f"..{served.prefix}.{served.end - 1}",
+        )
+    return start, end
+
+
+def _check_hidden(name: str, tensor: torch.Tensor, served: ServedSpan) -> None:
+    if tensor.ndim != 3:
+        raise bad_request(f"{name} must be [batch, length, hidden] (got {tensor.ndim} dimensions)")
+    if tensor.dtype != served.dtype:
+        raise bad_request(
+            f"{name} must be {dtype_name(served.dtype)} (the server's dtype), got {dtype_name(tensor.dtype)}"
+        )
+    if tensor.shape[2] != served.hidden_size:
+        raise bad_request(f"{name} must have hidden size {served.hidden_size} (got {tensor.shape[2]})")
+    if tensor.shape[0] < 1 or tensor.shape[1] < 1:
+        raise bad_request(f"{name} are empty: shape {list(tensor.shape)}")
+
+
+def _check_mask(mask: torch.Tensor, batch: int, length: int) -> None:
+    if mask.dtype not in MASK_DTYPES:
+        raise bad_request(f"attention_mask must be an integer tensor of 0/1, got {dtype_name(mask.dtype)}")
+    if tuple(mask.shape) != (batch, length):
+        raise bad_request(f"attention_mask must be [batch, length] = {[batch, length]}, got {list(mask.shape)}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise bad_request("attention_mask must contain only 0 and 1")
+
+
+def _check_prompts(
+    prompts: torch.Tensor, pre_seq_len: int, batch: int, length: int, num_blocks: int, served: ServedSpan
+) -> None:
+    if pre_seq_len > served.limits.max_pre_seq_len or pre_seq_len > length:
+        raise bad_request(
+            f"pre_seq_len {pre_seq_len} must be at most the sequence length {length} "
+            f"and the server's limit {served.limits.max_pre_seq_len}"
+        )
+    expected = [pre_seq_len * num_blocks, served.hidden_size]
+    if prompts.ndim != 3 or prompts.shape[0] not in (1, batch) or list(prompts.shape[1:]) != expected:
+        raise bad_request(
+            f"deep prompts for {num_blocks} blocks with pre_seq_len {pre_seq_len} must be "
+            f"[{batch} or 1, {expected[0]}, {expected[1]}], got {list(prompts.shape)}"
+        )
+    if prompts.dtype not in (torch.float32, served.dtype):
+        raise bad_request(
+            f"deep prompts must be float32 or {dtype_name(served.dtype)}, got {dtype_name(prompts.dtype)}"
+        )
