@@ -120,3 +120,54 @@ def test_right_padded_batch_equals_each_sequence_alone(tiny_model_path, mode):
     for row, sequence in enumerate(sequences):
         alone = model(sequence.unsqueeze(0)).logits[0]
         assert max_diff(batched[row], alone) <= TOLERANCE
+
+
+def padded(sequences: list[torch.Tensor], pad_token_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequences`` as one batch padded on ``side``, with its attention mask."""
+    length = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), length), pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        where = slice(0, len(sequence)) if side == "right" else slice(length - len(sequence), length)
+        ids[row, where] = sequence
+        mask[row, where] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("mode", [None, "ptune", "deep_ptune"])
+def test_left_padded_batch_equals_right_padded_batch(tiny_model_path, mode):
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    config.num_labels = 4
+    classifier = DistributedLlamaForSequenceClassification.from_pretrained(
+        tiny_model_path, config=config, local_blocks=True, tuning_mode=mode, pre_seq_len=4 if mode else 0
+    )
+    language_model = distributed_lm(tiny_model_path, mode, 4 if mode else 0)
+    sequences = [token_batch(1, n, seed=n)[0] for n in (9, 4, 6)]
+    right_ids, right_mask = padded(sequences, config.pad_token_id, "right")
+    left_ids, left_mask = padded(sequences, config.pad_token_id, "left")
+
+    right = classifier(right_ids, attention_mask=right_mask).logits
+    left = classifier(left_ids, attention_mask=left_mask).logits
+    assert max_diff(left, right) <= TOLERANCE
+    assert max_diff(left, classifier(sequences[1].unsqueeze(0)).logits[0]) > 0  # rows differ: pooling matters
+
+    right_tokens = language_model(right_ids, attention_mask=right_mask).logits[right_mask.bool()]
+    left_tokens = language_model(left_ids, attention_mask=left_mask).logits[left_mask.bool()]
+    assert max_diff(left_tokens, right_tokens) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        ([[1, 1, 1], [0, 0, 0]], r"attention_mask rows \[1\] are all zeros"),
+        ([[1, 0, 1], [1, 1, 0]], r"attention_mask rows \[0\] have padding between tokens"),
+        ([[1, 2, 1], [1, 1, 1]], "attention_mask may hold only 0"),
+        ([[1, 1], [1, 1]], r"attention_mask has shape \(2, 2\), the inputs \(2, 3\)"),
+    ],
+)
+def test_an_unusable_attention_mask_is_refused(tiny_model_path, mask, message):
+    model = DistributedLlamaForSequenceClassification.from_pretrained(
+        tiny_model_path, local_blocks=True, num_labels=2, tuning_mode="ptune", pre_seq_len=2
+    )
+    with pytest.raises(ValueError, match=message):
+        model(token_batch(2, 3), attention_mask=torch.tensor(mask))

@@ -30,6 +30,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from ptune_search.models.checkpoint import read_tensors
 from ptune_search.models.llama.blocks import LlamaBlockSpan
+from ptune_search.models.padding import RightPadding, last_token_index
 from ptune_search.models.ptune import PTuneMixin, validate_ptune_settings
 
 
@@ -100,7 +101,11 @@ class LoadableFromCheckpoint:
 
 
 class DistributedLlamaModel(LoadableFromCheckpoint, PTuneMixin, nn.Module):
-    """Embeddings -> [prompts] -> block chain -> final norm, with the prompt prefix dropped from the output."""
+    """Embeddings -> [prompts] -> block chain -> final norm, with the prompt prefix dropped from the output.
+
+    Batches may be padded left or right (the outputs equal); a mask row without tokens or with padding
+    between tokens is refused.
+    """
 
     def __init__(self, config: DistributedLlamaConfig, block_chain: nn.Module, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -126,13 +131,17 @@ class DistributedLlamaModel(LoadableFromCheckpoint, PTuneMixin, nn.Module):
         batch, length = hidden.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
+        if attention_mask.shape != (batch, length):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the inputs {(batch, length)}")
+        layout = RightPadding.of(attention_mask)  # left-padded rows run with their tokens first
+        hidden, attention_mask = layout.apply(hidden), layout.mask
         prompts, deep_prompts = self.get_prompt(batch)
         if prompts is not None:
             hidden = torch.cat([prompts.to(hidden.dtype), hidden], dim=1)
             prefix_mask = torch.ones(batch, self.pre_seq_len, dtype=attention_mask.dtype, device=hidden.device)
             attention_mask = torch.cat([prefix_mask, attention_mask], dim=1)
         hidden = self.layers(hidden, attention_mask, deep_prompts)
-        return BaseModelOutput(last_hidden_state=self.norm(hidden)[:, self.pre_seq_len :])
+        return BaseModelOutput(last_hidden_state=layout.restore(self.norm(hidden)[:, self.pre_seq_len :]))
 
 
 class DistributedLlamaHeadModel(LoadableFromCheckpoint, nn.Module):
@@ -171,7 +180,7 @@ class DistributedLlamaForCausalLM(DistributedLlamaHeadModel):
 
 
 class DistributedLlamaForSequenceClassification(DistributedLlamaHeadModel):
-    """Classifier that pools the last real token (right padding); prompts and ``score`` are trainable."""
+    """Classifier that pools the last real token (left or right padding); prompts and ``score`` are trainable."""
 
     trainable_head = "score"
 
@@ -195,7 +204,7 @@ class DistributedLlamaForSequenceClassification(DistributedLlamaHeadModel):
         if attention_mask is None:
             last_token = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
         else:
-            last_token = attention_mask.sum(dim=1) - 1
+            last_token = last_token_index(attention_mask)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token]
         logits = self.score(pooled.float())
         loss = F.cross_entropy(logits, labels) if labels is not None else None
