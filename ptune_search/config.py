@@ -38,8 +38,9 @@ from pydantic import (
     model_validator,
 )
 
-TABLE_EXTENSIONS = (".csv", ".jsonl")  # the task files data.py reads
-TUNING_MODES = ("ptune", "deep_ptune")
+from ptune_search.models.ptune import TUNING_MODES, TuningMode
+from ptune_search.swarm.launcher import replica_layout_problem
+
 _MAX_SHOWN = 100  # characters of a value quoted in an error
 
 Name = Annotated[StrictStr, Field(min_length=1)]
@@ -84,7 +85,7 @@ class TaskConfig(_Section):
     @field_validator("name")
     @classmethod
     def _packaged_or_table(cls, name: str, info: ValidationInfo) -> str:
-        from ptune_search.data import PACKAGED_TASKS  # lazily: data.py imports torch
+        from ptune_search.data import PACKAGED_TASKS, TABLE_EXTENSIONS  # lazily: data.py imports torch
 
         if name in PACKAGED_TASKS:
             return name
@@ -137,12 +138,9 @@ class SwarmConfig(_Section):
 
     @model_validator(mode="after")
     def _servers_fill_replicas(self) -> SwarmConfig:
-        if self.mode != "external" and self.servers % self.replicas:
-            raise _Problem(
-                ("servers",),
-                f"{self.servers} is not allowed: must be a multiple of {{section}}replicas ({self.replicas}); "
-                "the blocks are split into servers/replicas spans, each served by `replicas` servers",
-            )
+        problem = replica_layout_problem(self.servers, self.replicas)
+        if self.mode != "external" and problem:
+            raise _Problem(("servers",), f"{self.servers} is not allowed: {{section}}{problem}")
         return self
 
     @model_validator(mode="after")
@@ -188,9 +186,7 @@ class LogRange(_Section):
 class SearchSpace(_Section):
     """What Optuna chooses for each trial."""
 
-    tuning_modes: Annotated[list[Literal["ptune", "deep_ptune"]], Field(min_length=1)] = Field(
-        default_factory=lambda: list(TUNING_MODES)
-    )
+    tuning_modes: Annotated[list[TuningMode], Field(min_length=1)] = Field(default_factory=lambda: list(TUNING_MODES))
     pre_seq_len: IntRange = Field(default_factory=lambda: IntRange(low=4, high=32))
     lr: LogRange = Field(default_factory=lambda: LogRange(low=1.0e-4, high=3.0e-2))
 

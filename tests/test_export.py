@@ -18,7 +18,7 @@ from ptune_search.models.fingerprint import model_fingerprint
 from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.prompts.export import EXPORTED_TO_TAG, ExportResult, export_prompt
 from ptune_search.prompts.predict import PromptClassifier, format_prediction
-from ptune_search.prompts.prompt_folder import HEAD_FILE, MANIFEST_FILE, PROMPT_FILE, ExportedPrompt
+from ptune_search.prompts.prompt_folder import HEAD_FILE, MANIFEST_FILE, PROMPT_FILE, PTUNE_CONFIG_FILE, ExportedPrompt
 from ptune_search.search.tracking.records import ROLE_TAG
 from ptune_search.search.training import evaluate
 from tests.export.fake_stores import stalled_and_broken_store
@@ -275,7 +275,7 @@ def bad_store(search_output: Path, exported: ExportResult, tmp_path_factory: pyt
     ptune_config = folder / "ptune_config.json"
     settings = {"pre_seq_len": exported.manifest.pre_seq_len, "tuning_mode": exported.manifest.tuning_mode}
     ptune_config.write_text(json.dumps(settings))
-    prompt_files = {PROMPT_FILE: exported.folder / PROMPT_FILE, "ptune_config.json": ptune_config}
+    prompt_files = {PROMPT_FILE: exported.folder / PROMPT_FILE, PTUNE_CONFIG_FILE: ptune_config}
     return stalled_and_broken_store(folder, search_output / "config.yaml", prompt_files)
 
 

@@ -1,15 +1,24 @@
-"""Model families whose transformer blocks run in-process or on a swarm of block servers."""
+"""Model families whose transformer blocks run in-process or on a swarm of block servers.
 
-from ptune_search.models.llama.model import (
-    DistributedLlamaConfig,
-    DistributedLlamaForCausalLM,
-    DistributedLlamaForSequenceClassification,
-    DistributedLlamaModel,
-)
+The model classes are imported on first use, so that ``ptune_search.models.ptune`` (imported by the config)
+does not pull in transformers.
+"""
 
-__all__ = [
-    "DistributedLlamaConfig",
-    "DistributedLlamaForCausalLM",
-    "DistributedLlamaForSequenceClassification",
-    "DistributedLlamaModel",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DistributedLlamaConfig": "ptune_search.models.llama.model",
+    "DistributedLlamaForCausalLM": "ptune_search.models.llama.model",
+    "DistributedLlamaForSequenceClassification": "ptune_search.models.llama.model",
+    "DistributedLlamaModel": "ptune_search.models.llama.model",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -9,12 +9,13 @@ returns them as ``[batch, pre_seq_len * num_layers, hidden]`` in that order, so 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 import torch
 from torch import nn
 
-TUNING_MODES = ("ptune", "deep_ptune")
+TuningMode = Literal["ptune", "deep_ptune"]
+TUNING_MODES: tuple[str, ...] = get_args(TuningMode)
 
 
 @dataclasses.dataclass

@@ -30,6 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ptune_search.prompts.prompt_folder import (
     HEAD_FILE,
     PROMPT_FILE,
+    PTUNE_CONFIG_FILE,
     ExportedPrompt,
     MetricValue,
     PromptManifest,
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 EXPORTED_TO_TAG = "ptune_search.exported_to"
 EXPORTED_AT_TAG = "ptune_search.exported_at"
-PTUNE_CONFIG_FILE = "ptune_config.json"
 SEARCH_CONFIG_FILE = "config.yaml"
 EXPORTABLE_ROLES = ("trial", "baseline")
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"

@@ -32,8 +32,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 MANIFEST_FILE = "manifest.json"
-PROMPT_FILE = "prompt.safetensors"
+PROMPT_FILE = "prompt.safetensors"  # also in trial checkpoints and MLflow artifacts, under the same name
 HEAD_FILE = "head.safetensors"
+PTUNE_CONFIG_FILE = "ptune_config.json"  # a trial's tuning settings; an exported folder has its manifest instead
+TRIAL_ARTIFACTS = (PROMPT_FILE, HEAD_FILE, PTUNE_CONFIG_FILE)  # what each trial's MLflow run holds
 FORMAT_VERSION = 1
 SHALLOW_KEY = "model.prompt_embeddings.weight"
 DEEP_KEY = "model.intermediate_prompt_embeddings.weight"
@@ -181,8 +183,6 @@ class ExportedPrompt:
 
     def check_model(self, model: "nn.Module") -> None:
         """Refuse a model built for another architecture, tuning mode, prompt length or label count."""
-        from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
-
         self._check_architecture(model.config, f"this {type(model).__name__}")
         base = _base_model(model)
         built = (base.tuning_mode, base.pre_seq_len)
@@ -194,7 +194,7 @@ class ExportedPrompt:
                 f"pre_seq_len={built[1]}; build it with from_pretrained(path, prompt={str(self.folder)!r}) "
                 "to take the prompt's settings"
             )
-        if isinstance(model, DistributedLlamaForSequenceClassification) and model.num_labels != manifest.num_labels:
+        if _is_classifier(model) and model.num_labels != manifest.num_labels:
             raise ValueError(
                 f"exported prompt {self.folder} classifies into {manifest.num_labels} labels "
                 f"{manifest.label_names}, but this model has num_labels={model.num_labels}; "
@@ -206,15 +206,13 @@ class ExportedPrompt:
 
         A classifier takes the head and the label names too; a causal LM or a bare model only the prompt.
         """
-        from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification, DistributedLlamaModel
-
         self.check_model(model)
         if not checkpoint_checked:
             self.check_checkpoint(_checkpoint_path(model, self.folder))
         state = dict(self.prompt)
-        if isinstance(model, DistributedLlamaModel):
+        if _base_model(model) is model:  # a bare model: its prompts are not under ``model.``
             state = {name.removeprefix("model."): tensor for name, tensor in state.items()}
-        if isinstance(model, DistributedLlamaForSequenceClassification):
+        if _is_classifier(model):
             state.update(self.head)
             model.config.id2label = self.manifest.config_settings()["id2label"]
             model.config.label2id = self.manifest.config_settings()["label2id"]
@@ -279,9 +277,14 @@ def _read_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, "
 
 
 def _base_model(model: "nn.Module") -> "nn.Module":
-    from ptune_search.models.llama.model import DistributedLlamaModel
+    """The module holding the prompts: a head model's ``model``, or a bare model itself (by shape, not by
+    class, so that this format stays free of model imports and serves every family)."""
+    return getattr(model, "model", model)
 
-    return model if isinstance(model, DistributedLlamaModel) else model.model
+
+def _is_classifier(model: "nn.Module") -> bool:
+    """A sequence classifier trains its head with the prompt, and takes the head and labels of an export."""
+    return getattr(model, "trainable_head", None) is not None
 
 
 def _checkpoint_path(model: "nn.Module", folder: Path) -> str:

@@ -36,7 +36,13 @@ from typing import Any, Optional, Sequence
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ptune_search.swarm.launcher import PARENT_PID_ENV, read_peers_file, split_blocks
+from ptune_search.swarm.launcher import (
+    PARENT_PID_ENV,
+    read_peers_file,
+    replica_layout_problem,
+    split_blocks,
+    wait_until_online,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +134,9 @@ class RaySwarm:
 
         from ptune_search.swarm.protocol import model_prefix
 
-        if replicas < 1 or servers < 1 or servers % replicas:
-            raise ValueError(
-                f"swarm.servers must be a multiple of swarm.replicas (got servers={servers}, replicas={replicas}): "
-                "the blocks are split into servers/replicas spans, each served by `replicas` servers"
-            )
+        problem = replica_layout_problem(servers, replicas) if servers >= 1 else "servers must be at least 1"
+        if problem:
+            raise ValueError(f"swarm.{problem}")
         config = AutoConfig.from_pretrained(model_path)
         self.model, self.prefix, self.num_blocks = model, model_prefix(config), config.num_hidden_layers
         self.servers, self.replicas = servers, replicas
@@ -142,6 +146,8 @@ class RaySwarm:
         self.initial_peers: list[str] = []
 
     def start(self, timeout: float = 600.0) -> "RaySwarm":
+        from ptune_search.swarm.protocol import block_uids
+
         slots = ray.cluster_resources().get(SWARM_RESOURCE, 0)
         if slots < self.servers:
             raise ValueError(
@@ -166,7 +172,8 @@ class RaySwarm:
                 node_ip = ray.get(started, timeout=max(1.0, deadline - time.monotonic()))  # the model is ready there
                 server_maddrs += self._wait_for_info(name, deadline)["maddrs"]
                 logger.info("swarm %s online on %s", name, node_ip)
-            self._wait_until_online(deadline)
+            uids = block_uids(self.prefix, 0, self.num_blocks)
+            wait_until_online(self.initial_peers, uids, self.replicas, deadline, where=" in the swarm's DHT")
             self.initial_peers += server_maddrs  # servers are DHT peers too: trials join even if the bootstrap died
         except BaseException:
             self.stop()
@@ -196,24 +203,6 @@ class RaySwarm:
             if status["info"]:
                 return status["info"]
             time.sleep(0.5)
-
-    def _wait_until_online(self, deadline: float) -> None:
-        """Every block announced ONLINE in the DHT, seen from the driver the way trials will see it."""
-        from ptune_search.swarm.client.connection import SwarmConnection
-        from ptune_search.swarm.client.routing import fetch_block_records
-        from ptune_search.swarm.protocol import ServerState, block_uids
-
-        uids = block_uids(self.prefix, 0, self.num_blocks)
-        with SwarmConnection(self.initial_peers) as connection:
-            while True:
-                records = connection.run(fetch_block_records(connection.node, uids), timeout=60)
-                online = [sum(r.state == ServerState.ONLINE for r in servers.values()) for servers in records]
-                if all(count >= self.replicas for count in online):
-                    return
-                if time.monotonic() > deadline:
-                    missing = [uid for uid, count in zip(uids, online) if count < self.replicas]
-                    raise TimeoutError(f"blocks {missing} are not online in the swarm's DHT")
-                time.sleep(0.5)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the servers, then the bootstrap peer (each leaves the swarm cleanly), then their actors."""

@@ -21,11 +21,9 @@ from transformers import AutoConfig, AutoTokenizer
 from ptune_search.data import TaskSpec, load_task
 from ptune_search.models import DistributedLlamaForSequenceClassification
 from ptune_search.models.ptune import PTuneConfig
+from ptune_search.prompts.prompt_folder import HEAD_FILE, PROMPT_FILE, PTUNE_CONFIG_FILE
 from ptune_search.search.training import evaluate, train_step, trainable_parameters
 
-PROMPT_FILE = "prompt.safetensors"
-HEAD_FILE = "head.safetensors"
-PTUNE_CONFIG_FILE = "ptune_config.json"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trial_state.json"
 

@@ -158,6 +158,45 @@ def run_block_server(
     run_until_signal(lambda stop: server.run(stop, on_online))
 
 
+def replica_layout_problem(servers: int, replicas: int) -> Optional[str]:
+    """Why ``servers`` servers cannot serve every block ``replicas`` times, or None when they can."""
+    if replicas >= 1 and servers >= 0 and servers % replicas == 0:
+        return None
+    return (
+        f"servers must be a multiple of replicas (got servers={servers}, replicas={replicas}): "
+        "the blocks are split into servers/replicas spans, each served by `replicas` servers"
+    )
+
+
+def wait_until_online(
+    initial_peers: Sequence[str],
+    uids: Sequence[str],
+    replicas: int,
+    deadline: float,
+    check: Callable[[], None] = lambda: None,
+    where: str = "",
+) -> None:
+    """Wait until each of ``uids`` has ``replicas`` ONLINE servers in the DHT, seen the way clients see it.
+
+    ``check`` runs before each look (it raises when a server process died); ``where`` ends the timeout message.
+    """
+    from ptune_search.swarm.client.connection import SwarmConnection
+    from ptune_search.swarm.client.routing import fetch_block_records
+    from ptune_search.swarm.protocol import ServerState
+
+    with SwarmConnection(list(initial_peers)) as connection:
+        while True:
+            check()
+            records = connection.run(fetch_block_records(connection.node, list(uids)), timeout=60)
+            online = [sum(r.state == ServerState.ONLINE for r in servers.values()) for servers in records]
+            if all(count >= replicas for count in online):
+                return
+            if time.monotonic() > deadline:
+                missing = [uid for uid, count in zip(uids, online) if count < replicas]
+                raise TimeoutError(f"blocks {missing} are not online in time{where}")
+            time.sleep(0.25)
+
+
 def split_blocks(num_blocks: int, spans: int) -> list[tuple[int, int]]:
     """``spans`` contiguous spans of near-equal length covering ``0..num_blocks-1``."""
     if not 1 <= spans <= num_blocks:
@@ -233,11 +272,9 @@ class LocalSwarm:
     ):
         from transformers import AutoConfig
 
-        if replicas < 1 or servers < 0 or servers % replicas:
-            raise ValueError(
-                f"--servers must be a multiple of --replicas (got servers={servers}, replicas={replicas}): "
-                "the blocks are split into servers/replicas spans, each served by `replicas` servers"
-            )
+        problem = replica_layout_problem(servers, replicas)
+        if problem:
+            raise ValueError(f"--{problem}")
         self.model = Path(model)
         self.config = AutoConfig.from_pretrained(self.model)
         if dht_prefix:
@@ -332,23 +369,11 @@ class LocalSwarm:
         self, replicas: int = 1, timeout: float = 300.0, blocks: Optional[tuple[int, int]] = None
     ) -> None:
         """Wait until every block (or blocks ``start..end-1``) has at least ``replicas`` online servers."""
-        from ptune_search.swarm.client.connection import SwarmConnection
-        from ptune_search.swarm.client.routing import fetch_block_records
-        from ptune_search.swarm.protocol import ServerState, block_uids
+        from ptune_search.swarm.protocol import block_uids
 
         uids = block_uids(self.prefix, *(blocks or (0, self.num_blocks)))
         deadline = time.monotonic() + timeout
-        with SwarmConnection(self.initial_peers) as connection:
-            while True:
-                self._check_alive()
-                records = connection.run(fetch_block_records(connection.node, uids), timeout=60)
-                online = [sum(r.state == ServerState.ONLINE for r in servers.values()) for servers in records]
-                if all(count >= replicas for count in online):
-                    return
-                if time.monotonic() > deadline:
-                    missing = [uid for uid, count in zip(uids, online) if count < replicas]
-                    raise TimeoutError(f"blocks {missing} are not online after {timeout}s; logs in {self.log_dir}")
-                time.sleep(0.25)
+        wait_until_online(self.initial_peers, uids, replicas, deadline, self._check_alive, f"; logs in {self.log_dir}")
 
     def peer_maddrs(self) -> list[str]:
         """Multiaddrs of the bootstrap peer and of every server that is online, in that order."""

@@ -17,9 +17,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from ptune_search.config import load_config
+from ptune_search.prompts.prompt_folder import TRIAL_ARTIFACTS
 from ptune_search.search.driver import OUTBOX_DIR, deliver_outbox
 from ptune_search.search.tracking.outbox import JOURNAL_FILE, REFUSED_FILE, TrackingOutbox
-from ptune_search.search.tracking.records import BEST_TAG, ROLE_TAG, TRIAL_ARTIFACTS, TRIAL_TAG, SearchTracker
+from ptune_search.search.tracking.records import BEST_TAG, ROLE_TAG, TRIAL_TAG, SearchTracker
 from ptune_search.search.tracking.sender import OutboxSender, StoreUnreachable
 from tests.reliability.mlflow_server import MlflowServer, free_port, mlflow_server  # noqa: F401 - a fixture
 from tests.search.search_process import TINY_CONFIG, SearchProcess, assert_no_survivors, wait_for

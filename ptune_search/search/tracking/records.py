@@ -23,6 +23,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
 
+from ptune_search.prompts.prompt_folder import TRIAL_ARTIFACTS
 from ptune_search.search.tracking.outbox import OutboxRecord, TrackingOutbox
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ ROLE_TAG = "ptune_search.role"
 BEST_TAG = "ptune_search.best"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 SEARCHED_PARAMS = ("tuning_mode", "pre_seq_len", "lr")
-TRIAL_ARTIFACTS = ("prompt.safetensors", "head.safetensors", "ptune_config.json")
 STEP_METRICS = ("val_loss", "val_accuracy", "tokens_per_s")
 
 
