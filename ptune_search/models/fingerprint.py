@@ -14,7 +14,7 @@ renaming the folder keeps it, re-saving the weights in another dtype changes it.
 
 Example::
 
-    model_fingerprint("/models/SmolLM2-135M")   # 'sha256:9f2c...'
+    model_fingerprint(path)   # 'sha256:9f2c...' for a checkpoint folder
 """
 
 from __future__ import annotations

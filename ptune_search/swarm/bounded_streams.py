@@ -14,8 +14,16 @@ message in flight. Clients that know how many responses to expect close first an
 
 Example::
 
-    await add_bounded_stream_handler(p2p, "BlockService.rpc_forward_stream", handlers.rpc_forward_stream,
-                                     runtime_pb2.ExpertRequest, max_message_bytes=2 * 1024**2)
+    from hivemind.proto import runtime_pb2
+
+    async def echo(requests, context):  # a handler: request messages in, response messages out
+        async for request in requests:
+            yield runtime_pb2.ExpertResponse(tensors=request.tensors)
+
+    p2p = await P2P.create()
+    await add_bounded_stream_handler(p2p, "Echo.rpc_echo", echo, runtime_pb2.ExpertRequest, max_message_bytes=2**21)
+    ...
+    await p2p.shutdown()
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ p2p daemons stop). :class:`LocalSwarm` starts a bootstrap peer and block servers
 
 Example::
 
-    with LocalSwarm("/models/tiny", servers=2) as swarm:   # returns once every block is online
-        model = DistributedLlamaForCausalLM.from_pretrained("/models/tiny", initial_peers=swarm.initial_peers)
+    from ptune_search.models import DistributedLlamaForCausalLM
+
+    with LocalSwarm(path, servers=2) as swarm:   # returns once every block is online
+        model = DistributedLlamaForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
 """
 
 from __future__ import annotations

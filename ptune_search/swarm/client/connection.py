@@ -5,7 +5,9 @@ is shut down by :meth:`SwarmConnection.close`, when the connection is garbage co
 
 Example::
 
-    with SwarmConnection(["/ip4/127.0.0.1/tcp/4321/p2p/Qm..."]) as connection:
+    from ptune_search.swarm.client.routing import fetch_block_records
+
+    with SwarmConnection(initial_peers) as connection:  # multiaddrs like /ip4/10.0.0.5/tcp/31337/p2p/Qm...
         records = connection.run(fetch_block_records(connection.node, ["m.0", "m.1"]))
 """
 

@@ -15,10 +15,9 @@ The kernel releases the locks of a process that dies.
 
 Example::
 
-    cores = HostCores("/tmp/swarm/cores")
+    cores = HostCores(workdir / "cores")  # the same prefix for every server of this machine
     with cores.hold() as held:  # 1 .. os.cpu_count()
-        torch.set_num_threads(held)
-        ...
+        ...  # compute with torch.set_num_threads(held)
 """
 
 from __future__ import annotations
