@@ -44,6 +44,10 @@ def add_swarm_arguments(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=0)
     serve.add_argument("--info-file", help="once online, write the server's peer id and addresses here (JSON)")
     serve.add_argument(
+        "--identity-file",
+        help="the server's key (libp2p identity, created if absent): a peer id that survives restarts",
+    )
+    serve.add_argument(
         "--compute-lock", help="lock-file prefix shared by the servers of this machine: they share its cores"
     )
 
@@ -91,6 +95,7 @@ def run_swarm_command(args: argparse.Namespace) -> None:
             port=args.port,
             info_file=args.info_file,
             compute_lock=args.compute_lock,
+            identity_file=args.identity_file,
         )
     elif args.command == "local":
         server_args = ["--record-ttl", str(args.record_ttl)]

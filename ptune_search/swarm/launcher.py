@@ -82,7 +82,9 @@ def run_bootstrap_peer(peers_file: Optional[str | Path] = None, *, host: str = "
     async def main(stop: asyncio.Event) -> None:
         from hivemind.dht import DHTNode
 
-        node = await DHTNode.create(host_maddrs=[f"/ip4/{host}/tcp/{port}"])
+        from ptune_search.swarm.signed_records import SwarmRecordValidator
+
+        node = await DHTNode.create(host_maddrs=[f"/ip4/{host}/tcp/{port}"], record_validator=SwarmRecordValidator())
         try:
             maddrs = [str(addr) for addr in await node.get_visible_maddrs()]
             if peers_file is not None:
@@ -113,12 +115,14 @@ def run_block_server(
     port: int = 0,
     info_file: Optional[str | Path] = None,
     compute_lock: Optional[str | Path] = None,
+    identity_file: Optional[str | Path] = None,
 ) -> None:
     """Serve blocks ``blocks`` ("A:B": A..B-1) of the checkpoint ``model`` until SIGINT or SIGTERM.
 
     Once online, the server writes ``{"peer_id", "maddrs", "start", "end", "pid"}`` as JSON to ``info_file``.
     Servers on one machine given the same ``compute_lock`` prefix share its cores instead of oversubscribing
-    them (see :class:`~ptune_search.swarm.server.host_cores.HostCores`).
+    them (see :class:`~ptune_search.swarm.server.host_cores.HostCores`). With ``identity_file`` the server keeps
+    its key, so its peer id, across restarts (created there if absent), e.g. for clients' ``trusted_servers``.
     """
     import torch
 
@@ -145,6 +149,7 @@ def run_block_server(
         host=host,
         port=port,
         compute_lock=Path(compute_lock) if compute_lock else None,
+        identity_file=Path(identity_file) if identity_file else None,
     )
     if cache_bytes is not None:
         settings.cache_bytes = cache_bytes

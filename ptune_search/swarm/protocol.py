@@ -4,7 +4,8 @@ Everything that crosses the wire here is a plain msgpack value (dicts of str, in
 nothing is ever unpickled. Both sides import this module and nothing else of each other.
 
 - A block's DHT key is ``<prefix>.<index>``, e.g. ``SmolLM2-135M.7``. Each server stores one record per
-  block under the subkey of its peer id: ``{"state": "online", "start": 0, "end": 15, ...}``.
+  block under its signed subkey (``<peer id>[owner:<key>]``, see signed_records):
+  ``{"state": "online", "start": 0, "end": 15, ...}``.
 - A request names its blocks as one string of uids joined by spaces (``"m.0 m.1 m.2"``): a span.
 - Request metadata is a msgpack map; a response carries ``{"error": {"kind", "message"}}`` when refused.
 """

@@ -1,36 +1,39 @@
-"""Hostile DHT records next to a real 2-server swarm: ignored with a warning, or found out by banning.
+"""Hostile DHT records next to a real 2-server swarm: refused, ignored with a warning, or found out by banning.
 
-A rogue DHT peer writes under the block keys of ``tiny-records`` (blocks 0:2 on server A, 2:4 on server B):
-(a) garbage records, (b) a record whose span does not contain the block it is stored under, (c) online
-records for a peer that serves nothing (the rogue itself) and for a peer that does not exist, and (d) a
-record of the real server B claiming blocks 0:4 although it serves 2:4. Clients skip (a) and (b) with a
-WARNING, survive (c) and (d) by banning the liars and re-routing, and train exactly as local blocks do.
+Records are signed (``ptune_search.swarm.signed_records``). A forging full DHT node of the swarm writes under
+the block keys of ``tiny-records`` (blocks 0:2 on server A, 2:4 on server B): (a) garbage records, each signed
+by a key of its own, (b) its own record with a span that does not contain the block it is stored under,
+(c) online records for a peer that serves nothing (the forger itself) and for a peer that does not exist (a
+key without a p2p daemon), and (d) records of the real server B claiming blocks 0:4 although it serves 2:4,
+unsigned, with a forged signature, or signed by the forger's key, plus a plain value over a block's whole key.
+Every honest node refuses (d) with a warning, so the forger cannot overwrite, impersonate or get B banned;
+clients skip (a) and (b) with a WARNING, survive (c) by banning the liars and re-routing, and train exactly as
+local blocks do.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import torch
-from hivemind.p2p import PeerID
-from hivemind.utils import get_dht_time
 
 from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
 from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.swarm.client.connection import SwarmConnection
+from ptune_search.swarm.client.routing import BlockRouter, fetch_block_records
 from ptune_search.swarm.launcher import LocalSwarm
-from ptune_search.swarm.protocol import ServerRecord, ServerState, block_uid
+from ptune_search.swarm.protocol import ServerRecord, ServerState, block_uid, block_uids
+from ptune_search.swarm.signed_records import PeerKey, owner_peer_id
+from tests.reliability.forging_peer import ForgingPeer
 from tests.swarm.swarm_testing import LIMIT_ARGS, SwarmRegistry, classification_batch, copy_trainable
 
 PREFIX = "tiny-records"
 NUM_BLOCKS = 4
 STEPS = 8
-ROGUE_TTL = 600.0
 GARBAGE_RECORDS: list[Any] = [
     "not a record",
     12345,
@@ -44,11 +47,6 @@ GARBAGE_RECORDS: list[Any] = [
     {"state": "online", "start": True, "end": 4},
     {"state": 7, "start": 0, "end": 4},
 ]
-
-
-def fake_peer_id() -> PeerID:
-    """The id of a peer that exists nowhere (an identity multihash of random bytes)."""
-    return PeerID(bytes([0x00, 0x24]) + os.urandom(36))
 
 
 def online(start: int, end: int) -> dict[str, Any]:
@@ -70,20 +68,13 @@ def swarm(records_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.fixture
-def rogue(swarm: LocalSwarm) -> Iterator[SwarmConnection]:
-    """A DHT peer of the swarm that serves no block."""
-    connection = SwarmConnection(swarm.initial_peers)
+def forger(swarm: LocalSwarm) -> Iterator[ForgingPeer]:
+    """A full DHT node of the swarm that serves no block and forges records."""
+    peer = ForgingPeer(swarm.initial_peers)
     try:
-        yield connection
+        yield peer
     finally:
-        connection.close()
-
-
-def store(rogue: SwarmConnection, block: int, subkey: Any, value: Any) -> None:
-    stored = rogue.run(
-        rogue.node.store(block_uid(PREFIX, block), value, get_dht_time() + ROGUE_TTL, subkey=subkey), timeout=60
-    )
-    assert stored, f"the rogue could not store {value!r} under block {block}"
+        peer.close()
 
 
 def train(model, batches) -> list[float]:
@@ -98,23 +89,54 @@ def train(model, batches) -> list[float]:
     return losses
 
 
+def honest_logs(swarm: LocalSwarm) -> str:
+    return "\n".join(child.log_path.read_text(errors="replace") for child in [swarm.bootstrap, *swarm.servers])
+
+
+@pytest.mark.slow
+def test_forged_records_are_refused_by_every_honest_node_and_cannot_overwrite_or_get_a_server_banned(swarm, forger):
+    server_b = swarm.servers[1].peer_id
+    (b_subkey,) = [k for k in forger.subkeys(block_uid(PREFIX, 2)) if k.startswith(server_b)]
+    forged_subkeys = {
+        "it is not signed": server_b,
+        "its signature is invalid": b_subkey,
+        "but is signed by the key of peer": f"{server_b}[owner:{forger.key.get_public_key().to_bytes().decode()}]",
+    }
+    for block in (0, 1):
+        for subkey in forged_subkeys.values():
+            forger.store(block_uid(PREFIX, block), online(0, NUM_BLOCKS), subkey=subkey)
+    forger.store(block_uid(PREFIX, 2), "a plain value over the whole key", subkey=None, ttl=10**6)
+
+    logs = honest_logs(swarm)
+    for reason, subkey in forged_subkeys.items():
+        refusals = re.findall(rf"refusing a DHT record under subkey {re.escape(repr(subkey)[:120])}: (.*)", logs)
+        assert refusals and all(reason in line for line in refusals), f"record {subkey!r} not refused: {refusals}"
+    assert "refusing a DHT record under subkey None" in logs, "the plain value over a block key was not refused"
+    with SwarmConnection(swarm.initial_peers) as client:
+        records = client.run(fetch_block_records(client.node, block_uids(PREFIX, 0, NUM_BLOCKS)), timeout=60)
+    served = [{(peer.to_base58(), r.start, r.end) for peer, r in servers.items()} for servers in records]
+    server_a = swarm.servers[0].peer_id
+    assert served == [{(server_a, 0, 2)}] * 2 + [{(server_b, 2, 4)}] * 2, served
+
+
 @pytest.mark.slow
 def test_lying_and_garbage_records_are_ignored_or_banned_and_training_equals_local_blocks(
-    records_model, swarm, rogue, caplog
+    records_model, swarm, forger, caplog
 ):
-    server_a, server_b = (child.peer_id for child in swarm.servers)
-    garbage_peers = [fake_peer_id().to_base58() for _ in GARBAGE_RECORDS]
-    nowhere, rogue_peer = fake_peer_id().to_base58(), rogue.node.peer_id.to_base58()
+    server_b = swarm.servers[1].peer_id
+    garbage_keys = [PeerKey() for _ in GARBAGE_RECORDS]
+    nowhere, forger_peer = PeerKey(), forger.key.peer_id.to_base58()
     for block in range(NUM_BLOCKS):
-        for subkey, value in zip(garbage_peers, GARBAGE_RECORDS):  # (a)
-            store(rogue, block, subkey, value)
-        store(rogue, block, "not a peer id", online(0, NUM_BLOCKS))  # (a) a subkey that names no peer
-        store(rogue, block, rogue_peer, online(0, NUM_BLOCKS))  # (c) a peer that serves nothing
-        store(rogue, block, nowhere, online(0, NUM_BLOCKS))  # (c) a peer that does not exist
+        uid = block_uid(PREFIX, block)
+        for key, value in zip(garbage_keys, GARBAGE_RECORDS):  # (a)
+            assert forger.store(uid, value, subkey=key.subkey, signer=key)
+        assert forger.store(uid, online(0, NUM_BLOCKS), subkey=forger.key.subkey)  # (c) a peer that serves nothing
+        assert forger.store(uid, online(0, NUM_BLOCKS), subkey=nowhere.subkey, signer=nowhere)  # (c) no such peer
     for block in (2, 3):
-        store(rogue, block, server_a, online(0, 2))  # (b) A's true span, under blocks it does not contain
-    for block in (0, 1):
-        store(rogue, block, server_b, online(0, NUM_BLOCKS))  # (d) B claims blocks it does not serve
+        # (b) a span that does not contain the block (the forger's own record: it cannot write A's)
+        assert forger.store(block_uid(PREFIX, block), online(0, 2), subkey=forger.key.subkey)
+    for block in (0, 1):  # (d) B claims blocks it does not serve: refused (see the test above)
+        forger.store(block_uid(PREFIX, block), online(0, NUM_BLOCKS), subkey=server_b)
 
     settings = dict(num_labels=3, tuning_mode="deep_ptune", pre_seq_len=2)
     local = DistributedLlamaForSequenceClassification.from_pretrained(records_model, local_blocks=True, **settings)
@@ -137,15 +159,36 @@ def test_lying_and_garbage_records_are_ignored_or_banned_and_training_equals_loc
         for r in caplog.records
         if r.name == "ptune_search.swarm.client.routing" and r.levelno == logging.WARNING
     ]
-    for subkey in [*garbage_peers, "not a peer id"]:
-        assert any(repr(subkey)[:80] in message for message in warnings), f"no warning about the record of {subkey}"
+    for key in garbage_keys:
+        shown = repr(key.subkey)[:80]
+        assert any(shown in message for message in warnings), f"no warning about the record of {shown}"
     for block in (2, 3):
         assert any(
-            f"'{server_a}' under {block_uid(PREFIX, block)}: its span 0:2 does not contain block {block}" in m
+            f"{repr(forger.key.subkey)[:80]} under {block_uid(PREFIX, block)}: its span 0:2 does not contain "
+            f"block {block}" in m
             for m in warnings
         ), f"no warning about the lying span under block {block}"
     banned = {match for r in caplog.records for match in re.findall(r"banning server (\w+)", r.getMessage())}
     assert stats["failed_calls"] >= 1 and banned, "no lying record was ever tried"
-    assert banned <= {rogue_peer, nowhere, server_b}, f"an honest server was banned: {banned}"
+    assert banned <= {forger_peer, nowhere.peer_id.to_base58()}, f"an honest server was banned: {banned}"
+    assert owner_peer_id(forger.key.subkey).to_base58() == forger_peer
     print(f"lying peers tried and banned: {sorted(banned)}; failed calls {stats['failed_calls']}")
     assert max(abs(a - b) for a, b in zip(remote_losses, local_losses)) <= 1e-5, (remote_losses, local_losses)
+
+
+@pytest.mark.slow
+def test_with_trusted_servers_a_client_routes_only_to_them(swarm, forger, caplog):
+    server_a, server_b = (child.peer_id for child in swarm.servers)
+    for block in range(NUM_BLOCKS):
+        assert forger.store(block_uid(PREFIX, block), online(0, NUM_BLOCKS), subkey=forger.key.subkey)
+    caplog.set_level(logging.WARNING, logger="ptune_search.swarm.client.routing")
+    with SwarmConnection(swarm.initial_peers) as client:
+        routed = {}
+        for trusted in (None, [server_a, server_b]):
+            router = BlockRouter(client.node, PREFIX, NUM_BLOCKS, trusted_servers=trusted)
+            client.run(router.refresh(), timeout=60)
+            routed[trusted is None] = [{p.to_base58() for p in router.servers_for(b)} for b in range(NUM_BLOCKS)]
+    forger_peer = forger.key.peer_id.to_base58()
+    assert routed[True] == [{server_a, forger_peer}] * 2 + [{server_b, forger_peer}] * 2
+    assert routed[False] == [{server_a}] * 2 + [{server_b}] * 2
+    assert any(f"peer {forger_peer} is not in trusted_servers" in r.getMessage() for r in caplog.records)

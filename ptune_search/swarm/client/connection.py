@@ -33,6 +33,8 @@ class SwarmConnection:
             raise ValueError("initial_peers is empty: pass the multiaddrs of a bootstrap peer of the swarm")
         from hivemind.dht import DHTNode
 
+        from ptune_search.swarm.signed_records import SwarmRecordValidator
+
         self.initial_peers = list(initial_peers)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="swarm-connection", daemon=True)
@@ -40,7 +42,10 @@ class SwarmConnection:
         try:
             self.node: "DHTNode" = self.run(
                 DHTNode.create(
-                    initial_peers=self.initial_peers, client_mode=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"]
+                    initial_peers=self.initial_peers,
+                    client_mode=True,
+                    host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                    record_validator=SwarmRecordValidator(),  # drops unsigned and forged records it finds
                 ),
                 timeout=startup_timeout,
             )

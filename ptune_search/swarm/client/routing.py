@@ -6,9 +6,12 @@ proportional to how many blocks the span covers (fewer hops, load spread over re
 online for block ``i``, it waits up to ``block_wait_timeout`` seconds, re-reading the DHT, then raises
 :class:`MissingBlockError` naming the block.
 
-Anyone may write to the DHT: records that are malformed, or whose span does not contain the block they are
-stored under, are skipped with a warning. Records that lie plausibly (an online record for a peer that
-serves nothing) are found out by the calls that fail on them: the client bans that peer and re-routes.
+Records are signed (see :mod:`~ptune_search.swarm.signed_records`): a record counts only under the subkey of
+the key that signed it, for that key's peer, so nobody can write for another server. What a peer signs for
+itself may still be garbage: records that are unsigned, malformed, whose span does not contain the block they
+are stored under, or (with ``trusted_servers``) of a peer not in that list are skipped with a warning. Records
+that lie plausibly (an online record of a peer that serves nothing) are found out by the calls that fail on
+them: the client bans that peer and re-routes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from ptune_search.swarm.protocol import PROTOCOL_VERSION, ServerRecord, ServerState, block_uid, parse_block_uid
+from ptune_search.swarm.signed_records import owner_peer_id
 
 if TYPE_CHECKING:
     from hivemind.dht import DHTNode
@@ -66,12 +70,16 @@ class RemoteSpan:
 
 
 async def fetch_block_records(
-    node: "DHTNode", uids: Sequence[str], reported: Optional[set[tuple[str, str]]] = None
+    node: "DHTNode",
+    uids: Sequence[str],
+    reported: Optional[set[tuple[str, str]]] = None,
+    trusted: Optional[frozenset[str]] = None,
 ) -> list[dict["PeerID", ServerRecord]]:
     """For each block uid, the latest record of every server that announced it (any state).
 
-    Malformed records and records whose span does not contain the uid's block are skipped with a WARNING;
-    with ``reported``, only once per uid and subkey (the set remembers what was reported).
+    Unsigned and malformed records, records whose span does not contain the uid's block and, with ``trusted``
+    (base58 peer ids), records of other peers are skipped with a WARNING; with ``reported``, only once per uid
+    and subkey (the set remembers what was reported).
     """
     found = await node.get_many(list(uids), sufficient_expiration_time=float("inf"))
     result: list[dict["PeerID", ServerRecord]] = []
@@ -84,18 +92,20 @@ async def fetch_block_records(
             _report(reported, uid, "", f"ignoring the value under {uid}: a {kind}, not a map of server records")
             result.append({})
         else:
-            result.append(_parse_records(uid, entry.value, reported))
+            result.append(_parse_records(uid, entry.value, reported, trusted))
     return result
 
 
-def _parse_records(uid: str, value: dict, reported: Optional[set[tuple[str, str]]]) -> dict["PeerID", ServerRecord]:
-    from hivemind.p2p import PeerID
-
+def _parse_records(
+    uid: str, value: dict, reported: Optional[set[tuple[str, str]]], trusted: Optional[frozenset[str]]
+) -> dict["PeerID", ServerRecord]:
     _, index = parse_block_uid(uid)
     servers: dict["PeerID", ServerRecord] = {}
     for subkey, item in value.items():
         try:
-            peer = PeerID.from_base58(subkey)
+            peer = owner_peer_id(subkey)
+            if trusted is not None and peer.to_base58() not in trusted:
+                raise ValueError(f"peer {peer} is not in trusted_servers")
             record = ServerRecord.from_dict(item.value)
             if not record.covers(index):
                 raise ValueError(f"its span {record.start}:{record.end} does not contain block {index}")
@@ -126,8 +136,11 @@ class BlockRouter:
         update_period: float = 30.0,
         ban_timeout: float = 15.0,
         block_wait_timeout: float = 30.0,
+        trusted_servers: Optional[Sequence[str]] = None,
     ):
+        """``trusted_servers``: base58 peer ids; when given, only these servers are used (a private swarm)."""
         self.node, self.prefix, self.num_blocks = node, prefix, num_blocks
+        self.trusted = frozenset(trusted_servers) if trusted_servers is not None else None
         self.uids = [block_uid(prefix, index) for index in range(num_blocks)]
         self.update_period, self.ban_timeout, self.block_wait_timeout = update_period, ban_timeout, block_wait_timeout
         self._online: list[dict["PeerID", ServerRecord]] = [{} for _ in range(num_blocks)]
@@ -139,7 +152,7 @@ class BlockRouter:
 
     async def refresh(self) -> None:
         async with self._refresh_lock:
-            records = await fetch_block_records(self.node, self.uids, self._reported)
+            records = await fetch_block_records(self.node, self.uids, self._reported, self.trusted)
             self._online = [
                 {peer: record for peer, record in servers.items() if _usable(record)} for servers in records
             ]

@@ -1,4 +1,4 @@
-"""A block server's records in the DHT: one per block, under the server's peer id as subkey.
+"""A block server's records in the DHT: one per block, under the server's signed subkey (see signed_records).
 
 The server announces ``joining`` before it loads weights, ``online`` once it serves, refreshes the record
 every ``refresh_period`` seconds, and announces ``offline`` when it stops. Every record expires ``ttl``
@@ -6,7 +6,7 @@ seconds after it was stored, so a server that dies without a word vanishes from 
 
 Example (inside the server's event loop)::
 
-    announcer = ServerAnnouncer(node, block_uids("m", 0, 4), ttl=60)
+    announcer = ServerAnnouncer(node, block_uids("m", 0, 4), key.subkey, ttl=60)
     await announcer.announce(ServerRecord(ServerState.JOINING, 0, 4))
     announcer.start()                  # keeps refreshing the latest record
     await announcer.stop()             # stores an "offline" record
@@ -31,10 +31,17 @@ logger = logging.getLogger(__name__)
 
 
 class ServerAnnouncer:
-    def __init__(self, node: "DHTNode", uids: Sequence[str], ttl: float = 60.0, refresh_period: Optional[float] = None):
+    def __init__(
+        self,
+        node: "DHTNode",
+        uids: Sequence[str],
+        subkey: str,
+        ttl: float = 60.0,
+        refresh_period: Optional[float] = None,
+    ):
         if ttl <= 0:
             raise ValueError(f"record ttl must be > 0 seconds (got {ttl})")
-        self.node, self.uids, self.ttl = node, list(uids), ttl
+        self.node, self.uids, self.subkey, self.ttl = node, list(uids), subkey, ttl
         self.refresh_period = refresh_period if refresh_period is not None else ttl / 3
         self.record: Optional[ServerRecord] = None
         self._task: Optional[asyncio.Task] = None
@@ -45,12 +52,11 @@ class ServerAnnouncer:
             self.record = record
         if self.record is None:
             raise ValueError("nothing to announce yet: pass a ServerRecord")
-        subkey = self.node.peer_id.to_base58()
         results = await self.node.store_many(
             keys=self.uids,
             values=[self.record.to_dict()] * len(self.uids),
             expiration_time=get_dht_time() + self.ttl,
-            subkeys=[subkey] * len(self.uids),
+            subkeys=[self.subkey] * len(self.uids),
         )
         return all(results.values())
 

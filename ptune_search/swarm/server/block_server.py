@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 from transformers import AutoConfig
@@ -39,7 +40,11 @@ from ptune_search.swarm.server.checks import ServedSpan
 from ptune_search.swarm.server.fair_queue import FairQueue
 from ptune_search.swarm.server.handlers import BlockRPCHandlers
 from ptune_search.swarm.server.host_cores import HostCores
+from ptune_search.swarm.signed_records import PeerKey, SwarmRecordValidator
 from ptune_search.swarm.wire import dtype_name
+
+if TYPE_CHECKING:
+    from hivemind.dht import DHTNode
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 0
     compute_lock: Optional[Path] = None  # lock-file prefix shared by the servers of one machine (HostCores)
+    identity_file: Optional[Path] = None  # the server's key (its peer id); default: a new key at each start
 
 
 class BlockServer:
@@ -86,17 +92,15 @@ class BlockServer:
 
     async def run(self, stop: asyncio.Event, on_online: Optional[Callable[["BlockServer"], None]] = None) -> None:
         """Serve until ``stop`` is set, then leave the swarm cleanly."""
-        from hivemind.dht import DHTNode
-
         settings = self.settings
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
-        node = await DHTNode.create(
-            initial_peers=self.initial_peers, host_maddrs=[f"/ip4/{settings.host}/tcp/{settings.port}"]
-        )
+        key, node = await self._join()
         self.peer_id = node.peer_id.to_base58()
         self.maddrs = [str(addr) for addr in await node.get_visible_maddrs()]
-        announcer = ServerAnnouncer(node, self.uids, ttl=settings.record_ttl, refresh_period=settings.refresh_period)
+        announcer = ServerAnnouncer(
+            node, self.uids, key.subkey, ttl=settings.record_ttl, refresh_period=settings.refresh_period
+        )
         cores = HostCores(settings.compute_lock) if settings.compute_lock else None
         queue = FairQueue(
             settings.limits.max_queue, cores=cores, set_threads=torch.set_num_threads, threads=settings.num_threads
@@ -123,6 +127,30 @@ class BlockServer:
                 cores.close()
             await node.shutdown()
             logger.info(f"block server {self.peer_id} stopped")
+
+    async def _join(self) -> tuple[PeerKey, "DHTNode"]:
+        """Join the DHT with the server's key as its p2p identity and record signer (see signed_records)."""
+        from hivemind.dht import DHTNode
+
+        settings = self.settings
+        options = dict(initial_peers=self.initial_peers, host_maddrs=[f"/ip4/{settings.host}/tcp/{settings.port}"])
+        if settings.identity_file is not None:
+            key = PeerKey.load_or_create(settings.identity_file)
+            node = await DHTNode.create(
+                **options, record_validator=SwarmRecordValidator(key), identity_path=str(settings.identity_file)
+            )
+            return key, node
+        key = PeerKey()
+        with tempfile.TemporaryDirectory(prefix="ptune-server-") as folder:  # p2pd reads it once, at start
+            identity = Path(folder) / "identity"
+            key.write_identity(identity)
+            node = await DHTNode.create(
+                **options,
+                record_validator=SwarmRecordValidator(key),
+                identity_path=str(identity),
+                check_if_identity_free=False,
+            )
+        return key, node
 
     def _load_span(self) -> LlamaBlockSpan:
         started = time.perf_counter()
