@@ -40,6 +40,14 @@ def add_swarm_arguments(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-payload-bytes", type=int, help="largest request payload accepted")
     serve.add_argument("--receive-timeout", type=float, help="seconds a streamed request may take to arrive (60)")
     serve.add_argument("--cache-bytes", type=int, help="memory for forward graphs kept for backward")
+    serve.add_argument(
+        "--merge-max-tokens",
+        type=int,
+        help="largest batch (rows x length) of concurrent clients' requests run as one; 0: never merge (8192)",
+    )
+    serve.add_argument(
+        "--merge-wait", type=float, help="seconds a batch may wait for other active clients' requests (0.02)"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=0)
     serve.add_argument("--info-file", help="once online, write the server's peer id and addresses here (JSON)")
@@ -91,6 +99,8 @@ def run_swarm_command(args: argparse.Namespace) -> None:
             max_payload_bytes=args.max_payload_bytes,
             receive_timeout=args.receive_timeout,
             cache_bytes=args.cache_bytes,
+            merge_max_tokens=args.merge_max_tokens,
+            merge_wait=args.merge_wait,
             host=args.host,
             port=args.port,
             info_file=args.info_file,

@@ -111,6 +111,8 @@ def run_block_server(
     max_payload_bytes: Optional[int] = None,
     receive_timeout: Optional[float] = None,
     cache_bytes: Optional[int] = None,
+    merge_max_tokens: Optional[int] = None,
+    merge_wait: Optional[float] = None,
     host: str = "127.0.0.1",
     port: int = 0,
     info_file: Optional[str | Path] = None,
@@ -153,6 +155,10 @@ def run_block_server(
     )
     if cache_bytes is not None:
         settings.cache_bytes = cache_bytes
+    if merge_max_tokens is not None:
+        settings.merge = dataclasses.replace(settings.merge, max_tokens=merge_max_tokens)
+    if merge_wait is not None:
+        settings.merge = dataclasses.replace(settings.merge, max_wait=merge_wait)
     server = BlockServer(model, start, end, initial_peers, settings)
 
     def on_online(server: BlockServer) -> None:

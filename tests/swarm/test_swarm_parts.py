@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import fcntl
 import os
 import pickle
@@ -25,7 +26,7 @@ from ptune_search.swarm.protocol import (
     span_uid,
     unpack_metadata,
 )
-from ptune_search.swarm.server.activation_cache import ActivationCache, CachedForward
+from ptune_search.swarm.server.activation_cache import ActivationCache
 from ptune_search.swarm.server.fair_queue import FairQueue, QueueFull
 from ptune_search.swarm.server.host_cores import HostCores
 from ptune_search.swarm.wire import PayloadTooLarge, TensorAssembler, deserialize_tensor, serialize_tensor, split_tensor
@@ -77,40 +78,26 @@ def test_fair_queue_refuses_work_beyond_its_limit_and_reports_task_errors():
         queue.close()
 
 
-def linear_forward(weight: torch.Tensor):
-    return lambda x, p: torch.tanh(x @ weight) * (1 if p is None else p.sum())
-
-
-def test_cached_forward_counts_activation_bytes_without_weights_and_gives_exact_grads():
-    weight = torch.randn(16, 16)
-    x, p = torch.randn(4, 16), torch.randn(3)
-    entry = CachedForward.run(linear_forward(weight), x, p, weights=frozenset({weight.untyped_storage().data_ptr()}))
-    assert entry.nbytes < 3 * x.numel() * 4 + 200  # x, tanh output and output; the 1 KiB weight is not counted
-    grad_out = torch.randn(4, 16)
-    grad_x, grad_p = entry.backward(grad_out)
-
-    x2, p2 = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
-    linear_forward(weight)(x2, p2).backward(grad_out)
-    assert torch.equal(grad_x, x2.grad) and torch.equal(grad_p, p2.grad)
+@dataclasses.dataclass
+class Kept:
+    nbytes: int
+    created: float = dataclasses.field(default_factory=time.monotonic)
 
 
 def test_activation_cache_evicts_oldest_entries_to_stay_within_its_byte_budget():
-    def entry(nbytes: int) -> CachedForward:
-        return CachedForward(torch.zeros(1), None, torch.zeros(1), nbytes, time.monotonic())
-
     cache = ActivationCache(max_bytes=100)
-    assert cache.put("a", entry(40)) and cache.put("b", entry(40))
-    assert cache.put("c", entry(40))  # evicts "a"
-    assert not cache.put("huge", entry(101))
+    assert cache.put("a", Kept(40)) and cache.put("b", Kept(40))
+    assert cache.put("c", Kept(40))  # evicts "a"
+    assert not cache.put("huge", Kept(101))
     assert cache.pop("a") is None and cache.pop("b") is not None
     assert cache.nbytes == 40 and cache.evictions == 1
 
 
 def test_activation_cache_drops_entries_older_than_max_age():
     cache = ActivationCache(max_bytes=100, max_age=0.05)
-    cache.put("old", CachedForward(torch.zeros(1), None, torch.zeros(1), 10, time.monotonic()))
+    cache.put("old", Kept(10))
     time.sleep(0.1)
-    cache.put("new", CachedForward(torch.zeros(1), None, torch.zeros(1), 10, time.monotonic()))
+    cache.put("new", Kept(10))
     assert cache.pop("old") is None and cache.pop("new") is not None
 
 

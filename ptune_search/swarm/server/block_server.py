@@ -37,7 +37,7 @@ from ptune_search.swarm.protocol import (
 from ptune_search.swarm.server.activation_cache import ActivationCache
 from ptune_search.swarm.server.announcer import ServerAnnouncer
 from ptune_search.swarm.server.checks import ServedSpan
-from ptune_search.swarm.server.fair_queue import FairQueue
+from ptune_search.swarm.server.fair_queue import FairQueue, MergeLimits
 from ptune_search.swarm.server.handlers import BlockRPCHandlers
 from ptune_search.swarm.server.host_cores import HostCores
 from ptune_search.swarm.signed_records import PeerKey, SwarmRecordValidator
@@ -59,6 +59,7 @@ class ServerSettings:
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
     cache_bytes: int = 2 * 1024**3  # forward graphs kept for backward
     cache_max_age: float = 600.0
+    merge: MergeLimits = dataclasses.field(default_factory=MergeLimits)  # requests of clients run as one batch
     record_ttl: float = 60.0
     refresh_period: Optional[float] = None  # default: record_ttl / 3
     host: str = "127.0.0.1"
@@ -103,7 +104,11 @@ class BlockServer:
         )
         cores = HostCores(settings.compute_lock) if settings.compute_lock else None
         queue = FairQueue(
-            settings.limits.max_queue, cores=cores, set_threads=torch.set_num_threads, threads=settings.num_threads
+            settings.limits.max_queue,
+            cores=cores,
+            set_threads=torch.set_num_threads,
+            threads=settings.num_threads,
+            merge_limits=settings.merge,
         )
         record = ServerRecord(ServerState.JOINING, self.start, self.end, dtype=dtype_name(settings.dtype))
         try:

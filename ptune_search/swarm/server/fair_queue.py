@@ -4,6 +4,13 @@ Each client (keyed by its peer id) has its own FIFO; the worker serves the clien
 a time, so a client that sends a burst of requests delays every other client by at most one task each.
 Handlers on the event loop ``await queue.run(client, fn)``; a cancelled request is skipped, not computed.
 
+Work submitted with ``await queue.run_mergeable(client, Mergeable(...))`` may run together with the work of
+other clients waiting at the same moment: the worker takes the task next in turn and the first waiting task
+of each other client in turn that has the same ``key``, as long as the batch stays within
+:class:`MergeLimits`, and hands their payloads to the first one's ``run_batch`` at once. A merged batch is
+one round of the round-robin, so fairness is unchanged. The worker waits at most ``MergeLimits.max_wait``
+for clients that were active lately and have nothing waiting yet.
+
 Example::
 
     queue = FairQueue(max_pending=100)
@@ -17,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Optional, Sequence, TypeVar
 
 if TYPE_CHECKING:
     from ptune_search.swarm.server.host_cores import HostCores
@@ -31,11 +39,48 @@ class QueueFull(RuntimeError):
     pass
 
 
-class _Task:
-    __slots__ = ("fn", "loop", "future")
+@dataclasses.dataclass(frozen=True)
+class MergeLimits:
+    """How large a merged batch may grow: ``max_tokens`` rows x longest length (0: never merge) and
+    ``max_bytes`` of the requests' tensors together; and how long it may wait for more.
 
-    def __init__(self, fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future):
-        self.fn, self.loop, self.future = fn, loop, future
+    Without waiting, two clients never merge: each one's request arrives while the other's computes, and is
+    alone in the queue when the worker turns to it. A short wait for a client that sent work within the
+    last ``FairQueue.ACTIVE_SECONDS`` lets their passes meet once; then they come back together, as one
+    batch's replies go out at once."""
+
+    max_tokens: int = 8192
+    max_bytes: int = 64 * 1024**2
+    max_wait: float = 0.02  # seconds a batch waits for clients that are active but have nothing queued yet
+
+
+RunBatch = Callable[[Sequence[Any]], Sequence[Any]]
+"""``run_batch(payloads)``: one result per payload, in order; a result that is an exception is raised to its caller."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mergeable:
+    """Work that may run in one batch with other work of the same ``key`` (``run_batch`` computes such batches)."""
+
+    key: Hashable
+    rows: int
+    length: int
+    nbytes: int
+    payload: Any
+    run_batch: RunBatch
+
+
+class _Task:
+    __slots__ = ("fn", "loop", "future", "mergeable")
+
+    def __init__(
+        self,
+        fn: Optional[Callable[[], Any]],
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future,
+        mergeable: Optional[Mergeable] = None,
+    ):
+        self.fn, self.loop, self.future, self.mergeable = fn, loop, future, mergeable
 
 
 class FairQueue:
@@ -45,7 +90,10 @@ class FairQueue:
         cores free at its start.
     set_threads: called in the worker with the number of cores to use (e.g. ``torch.set_num_threads``).
     threads: the number of threads without ``cores``.
+    merge_limits: bounds of a merged batch of :class:`Mergeable` work.
     """
+
+    ACTIVE_SECONDS = 2.0  # a client that sent work this recently is expected to send more
 
     def __init__(
         self,
@@ -55,15 +103,26 @@ class FairQueue:
         cores: Optional[HostCores] = None,
         set_threads: Optional[Callable[[int], None]] = None,
         threads: Optional[int] = None,
+        merge_limits: Optional[MergeLimits] = None,
     ):
         self.max_pending = max_pending
+        self.merge_limits = merge_limits or MergeLimits()
         self._cores, self._set_threads, self._threads = cores, set_threads, threads
         self._condition = threading.Condition()
         self._queues: collections.OrderedDict[Hashable, collections.deque[_Task]] = collections.OrderedDict()
         self._pending = 0
         self._closed = False
+        self._last_submit: collections.OrderedDict[Hashable, float] = collections.OrderedDict()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self.stats = {"tasks": 0, "compute_s": 0.0, "lock_wait_s": 0.0, "shared_core_tasks": 0}
+        self.stats = {
+            "tasks": 0,
+            "compute_s": 0.0,
+            "lock_wait_s": 0.0,
+            "shared_core_tasks": 0,
+            "merged_batches": 0,  # batches of two or more requests
+            "merged_requests": 0,  # the requests in them
+            "largest_merge": 1,
+        }
 
     def start(self) -> None:
         self._thread.start()
@@ -73,6 +132,13 @@ class FairQueue:
         return self._pending
 
     async def run(self, client: Hashable, fn: Callable[[], T]) -> T:
+        return await self._submit(client, fn, None)
+
+    async def run_mergeable(self, client: Hashable, work: Mergeable) -> Any:
+        """The result for ``work.payload``, computed alone or merged with other clients' work."""
+        return await self._submit(client, None, work)
+
+    async def _submit(self, client: Hashable, fn: Optional[Callable[[], Any]], work: Optional[Mergeable]) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._condition:
@@ -80,25 +146,70 @@ class FairQueue:
                 raise QueueFull("the server is shutting down")
             if self._pending >= self.max_pending:
                 raise QueueFull(f"the server's queue is full ({self._pending} requests waiting)")
-            self._queues.setdefault(client, collections.deque()).append(_Task(fn, loop, future))
+            self._queues.setdefault(client, collections.deque()).append(_Task(fn, loop, future, work))
             self._pending += 1
+            self._note_submit(client)
             self._condition.notify()
         return await future
 
-    def _next_task(self) -> _Task | None:
+    def _next_tasks(self) -> list[_Task]:
+        """The task next in turn, with the tasks of other clients it merges with; [] once closed."""
         with self._condition:
             while not self._pending and not self._closed:
                 self._condition.wait()
             if not self._pending:
-                return None
-            client, tasks = next(iter(self._queues.items()))
-            task = tasks.popleft()
-            self._pending -= 1
-            if tasks:
-                self._queues.move_to_end(client)
-            else:
-                del self._queues[client]
-            return task
+                return []
+            client = next(iter(self._queues))
+            task = self._pop(client)
+            if task.mergeable is None or self.merge_limits.max_tokens <= 0:
+                return [task]
+            return self._merge_with(client, task)
+
+    def _merge_with(self, client: Hashable, first: _Task) -> list[_Task]:
+        """``first`` and the first task of each other client in turn that merges with it; waits up to
+        ``max_wait`` for clients that sent work within ``ACTIVE_SECONDS`` and have none waiting yet."""
+        limits, key = self.merge_limits, first.mergeable.key
+        tasks, seen = [first], {client}
+        rows, length, nbytes = first.mergeable.rows, first.mergeable.length, first.mergeable.nbytes
+        deadline = time.monotonic() + limits.max_wait
+        while True:
+            for other in list(self._queues):  # the others in their round-robin order
+                if other in seen:
+                    continue
+                head = self._queues[other][0]
+                work = head.mergeable
+                seen.add(other)
+                if work is None or work.key != key or head.future.cancelled():
+                    continue
+                if (rows + work.rows) * max(length, work.length) > limits.max_tokens:
+                    continue
+                if nbytes + work.nbytes > limits.max_bytes:
+                    continue
+                rows, length, nbytes = rows + work.rows, max(length, work.length), nbytes + work.nbytes
+                tasks.append(self._pop(other))
+            now = time.monotonic()
+            active = [c for c, at in self._last_submit.items() if c not in seen and now - at < self.ACTIVE_SECONDS]
+            if not active or now >= deadline or self._closed:
+                return tasks
+            self._condition.wait(deadline - now)
+
+    def _note_submit(self, client: Hashable) -> None:
+        now = time.monotonic()
+        self._last_submit[client] = now
+        self._last_submit.move_to_end(client)
+        while now - next(iter(self._last_submit.values())) > self.ACTIVE_SECONDS:  # forget idle clients
+            self._last_submit.popitem(last=False)
+
+    def _pop(self, client: Hashable) -> _Task:
+        """The first task of ``client``, whose turn then moves to the end of the round."""
+        tasks = self._queues[client]
+        task = tasks.popleft()
+        self._pending -= 1
+        if tasks:
+            self._queues.move_to_end(client)
+        else:
+            del self._queues[client]
+        return task
 
     def _use_threads(self, threads: Optional[int]) -> None:
         if threads and threads != self._threads and self._set_threads is not None:
@@ -113,8 +224,9 @@ class FairQueue:
     def _work(self) -> None:
         if self._threads and self._set_threads is not None:
             self._set_threads(self._threads)
-        while (task := self._next_task()) is not None:
-            if task.future.cancelled():  # the client gave up or disconnected: skip the work
+        while tasks := self._next_tasks():
+            tasks = [task for task in tasks if not task.future.cancelled()]  # the client gave up: skip its work
+            if not tasks:
                 continue
             try:
                 waited = time.perf_counter()
@@ -122,20 +234,37 @@ class FairQueue:
                     self._use_threads(held)
                     started = time.perf_counter()
                     try:
-                        result = task.fn()
+                        results = self._compute(tasks)
                     finally:
-                        self._account(started - waited, time.perf_counter() - started, held)
-            except BaseException as e:  # noqa: BLE001 - every failure goes back to the waiting handler
-                _reply(task, None, e)
+                        self._account(len(tasks), started - waited, time.perf_counter() - started, held)
+            except BaseException as e:  # noqa: BLE001 - every failure goes back to the waiting handlers
+                for task in tasks:
+                    _reply(task, None, e)
             else:
-                _reply(task, result, None)
+                for task, result in zip(tasks, results):
+                    if isinstance(result, BaseException):
+                        _reply(task, None, result)
+                    else:
+                        _reply(task, result, None)
 
-    def _account(self, lock_wait: float, compute: float, cores: Optional[int]) -> None:
+    def _compute(self, tasks: list[_Task]) -> Sequence[Any]:
+        if tasks[0].mergeable is None:
+            return [tasks[0].fn()]
+        results = tasks[0].mergeable.run_batch([task.mergeable.payload for task in tasks])
+        if len(results) != len(tasks):
+            raise RuntimeError(f"run_batch gave {len(results)} results for {len(tasks)} requests")
+        return results
+
+    def _account(self, requests: int, lock_wait: float, compute: float, cores: Optional[int]) -> None:
         self.stats["tasks"] += 1
         self.stats["lock_wait_s"] += lock_wait
         self.stats["compute_s"] += compute
         if cores == 1:
             self.stats["shared_core_tasks"] += 1
+        if requests > 1:
+            self.stats["merged_batches"] += 1
+            self.stats["merged_requests"] += requests
+            self.stats["largest_merge"] = max(self.stats["largest_merge"], requests)
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the task in progress, fail the waiting ones and stop the worker."""

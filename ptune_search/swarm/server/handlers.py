@@ -1,8 +1,10 @@
 """The RPCs of one block server: decode, check, queue fairly, compute on the span, reply.
 
-Forward with ``keep`` stores the span's autograd graph in the :class:`ActivationCache`; the backward that
-follows (same client, same request id) runs the backward on it, or recomputes the forward from the inputs
-it carries when the graph is gone. Refusals go back as ``{"error": ...}`` metadata, never as a crash.
+Requests for the same blocks that wait in the queue at the same time run as one batch (see merged_pass and
+FairQueue). Forward with ``keep`` stores the span's autograd graph in the :class:`ActivationCache`; the
+backward that follows (same client, same request id) runs the backward on it, or recomputes the forward from
+the inputs it carries when the graph is gone. Refusals go back as ``{"error": ...}`` metadata, never as a
+crash.
 
 A streamed request must arrive whole within ``limits.receive_timeout`` seconds: a client that stops sending
 half-way is refused then, and what it sent is freed (``info`` counts the streams being received).
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import dataclasses
 import logging
 from typing import Any, AsyncIterator, Hashable, Optional, Sequence
 
@@ -22,7 +24,7 @@ from hivemind.proto import runtime_pb2
 
 from ptune_search.models.llama.blocks import LlamaBlockSpan, run_llama_span
 from ptune_search.swarm.protocol import ErrorKind, RequestRefused, error_metadata, pack_metadata
-from ptune_search.swarm.server.activation_cache import ActivationCache, CachedForward
+from ptune_search.swarm.server.activation_cache import ActivationCache
 from ptune_search.swarm.server.checks import (
     ServedSpan,
     SpanRequest,
@@ -31,10 +33,25 @@ from ptune_search.swarm.server.checks import (
     decode_tensors,
     parse_span_request,
 )
-from ptune_search.swarm.server.fair_queue import FairQueue, QueueFull
-from ptune_search.swarm.wire import PayloadTooLarge, TensorAssembler, response_messages, serialize_tensor
+from ptune_search.swarm.server.fair_queue import FairQueue, Mergeable, QueueFull
+from ptune_search.swarm.server.merged_pass import MemberForward, MergedForward, SpanFn
+from ptune_search.swarm.wire import (
+    PayloadTooLarge,
+    TensorAssembler,
+    payload_bytes,
+    response_messages,
+    serialize_tensor,
+)
 
 logger = logging.getLogger(__name__)
+
+Reply = tuple[list[torch.Tensor], dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Work:
+    request: SpanRequest
+    key: Hashable  # (client, request id): where a kept graph is found
 
 
 class BlockRPCHandlers:
@@ -45,7 +62,7 @@ class BlockRPCHandlers:
     ):
         self.span, self.served, self.queue, self.cache, self.info = span, served, queue, cache, info
         tensors = list(span.parameters()) + list(span.buffers())
-        self._weight_storages = frozenset(t.untyped_storage().data_ptr() for t in tensors)
+        self._weights = frozenset(t.untyped_storage().data_ptr() for t in tensors)
         self.receiving_streams = 0
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -141,10 +158,17 @@ class BlockRPCHandlers:
     ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         request = parse_span_request(kind, uid, tensors, metadata, self.served)
         client: Hashable = context.remote_id
-        key = (client, request.request_id)
-        compute = self._forward if kind == "forward" else self._backward
+        batch, length = request.hidden.shape[:2]
+        work = Mergeable(
+            key=(kind, request.start, request.end, request.keep_activations),
+            rows=batch,
+            length=length,
+            nbytes=payload_bytes(tensors),
+            payload=_Work(request, (client, request.request_id)),
+            run_batch=self._forward_batch if kind == "forward" else self._backward_batch,
+        )
         try:
-            outputs, response = await self.queue.run(client, functools.partial(compute, request, key))
+            outputs, response = await self.queue.run_mergeable(client, work)
         except QueueFull as e:
             raise RequestRefused(ErrorKind.BUSY, str(e)) from None
         except RequestRefused:
@@ -154,40 +178,75 @@ class BlockRPCHandlers:
             raise RequestRefused(ErrorKind.INTERNAL, f"{kind} failed on the server: {type(e).__name__}: {e}") from None
         return outputs, response
 
-    def _span_fn(self, request: SpanRequest):
-        blocks = self.span.blocks[request.start - self.span.start : request.end - self.span.start]
-        mask = request.attention_mask
+    def _span_fn(self, start: int, end: int) -> SpanFn:
+        blocks = self.span.blocks[start - self.span.start : end - self.span.start]
 
-        def run(hidden: torch.Tensor, prompts: Optional[torch.Tensor]) -> torch.Tensor:
+        def run(hidden: torch.Tensor, mask: torch.Tensor, prompts: Optional[torch.Tensor]) -> torch.Tensor:
             return run_llama_span(blocks, self.span.rotary_emb, hidden, mask, prompts)
 
         return run
 
-    def _forward(self, request: SpanRequest, key: Hashable) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        run = self._span_fn(request)
-        if not request.keep_activations:
-            with torch.no_grad():
-                return [run(request.hidden, request.prompts)], {}
-        entry = CachedForward.run(run, request.hidden, request.prompts, self._weight_storages)
-        kept = self.cache.put(key, entry)
-        return [entry.outputs.detach()], {"kept": kept}
+    def _merged(self, requests: Sequence[SpanRequest], grad: bool) -> MergedForward:
+        start, end = requests[0].start, requests[0].end
+        return MergedForward.run(self._span_fn(start, end), requests, end - start, grad=grad, weights=self._weights)
 
-    def _backward(self, request: SpanRequest, key: Hashable) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        entry = self.cache.pop(key)
-        recomputed = entry is None or not _matches(entry, request)
-        if recomputed:
-            entry = CachedForward.run(self._span_fn(request), request.hidden, request.prompts, self._weight_storages)
-        grad_inputs, grad_prompts = entry.backward(request.grad_outputs)
-        outputs = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
-        return outputs, {"recomputed": recomputed}
+    def _forward_batch(self, batch: Sequence[_Work]) -> list[Reply | BaseException]:
+        return _each_alone_on_failure(self._forwards, batch)
+
+    def _backward_batch(self, batch: Sequence[_Work]) -> list[Reply | BaseException]:
+        return _each_alone_on_failure(self._backwards, batch)
+
+    def _forwards(self, batch: Sequence[_Work]) -> list[Reply]:
+        """One forward of all requests (same blocks, same ``keep``); with ``keep``, each one's graph is cached."""
+        keep = batch[0].request.keep_activations
+        merged = self._merged([work.request for work in batch], grad=keep)
+        if not keep:
+            return [([merged.output(member)], {}) for member in range(len(batch))]
+        replies: list[Reply] = []
+        for member, work in enumerate(batch):
+            kept = self.cache.put(work.key, MemberForward(merged, member, merged.member_bytes(member)))
+            replies.append(([merged.output(member)], {"kept": kept, "merged": len(batch)}))
+        return replies
+
+    def _backwards(self, batch: Sequence[_Work]) -> list[Reply]:
+        """Backwards through the graphs kept for them (one pass per merged forward), the lost ones recomputed."""
+        replies: list[Optional[Reply]] = [None] * len(batch)
+        graphs: dict[int, tuple[MergedForward, list[tuple[int, int]]]] = {}
+        lost: list[int] = []
+        for index, work in enumerate(batch):
+            entry = self.cache.pop(work.key)
+            if entry is not None and entry.fits(work.request):
+                graphs.setdefault(id(entry.merged), (entry.merged, []))[1].append((index, entry.member))
+            else:
+                lost.append(index)
+        passes = [(merged, members, False) for merged, members in graphs.values()]
+        if lost:
+            recomputed = self._merged([batch[index].request for index in lost], grad=True)
+            passes.append((recomputed, [(index, member) for member, index in enumerate(lost)], True))
+        for merged, members, recomputed in passes:
+            grad_outputs = [batch[index].request.grad_outputs for index, _ in members]
+            grads = merged.backward([member for _, member in members], grad_outputs)
+            for (index, _), (grad_inputs, grad_prompts) in zip(members, grads):
+                outputs = [grad_inputs] if grad_prompts is None else [grad_inputs, grad_prompts]
+                replies[index] = (outputs, {"recomputed": recomputed})
+        return [reply for reply in replies if reply is not None]
 
 
-def _matches(entry: CachedForward, request: SpanRequest) -> bool:
-    """A cached graph fits a backward request only if it was built from inputs of the same shapes."""
-    same_prompts = (entry.prompts is None and request.prompts is None) or (
-        entry.prompts is not None and request.prompts is not None and entry.prompts.shape == request.prompts.shape
-    )
-    return entry.inputs.shape == request.hidden.shape and same_prompts
+def _each_alone_on_failure(run, batch: Sequence[_Work]) -> list[Reply | BaseException]:
+    """``run(batch)``; if a merged batch fails, each request alone, so that one bad request fails only itself."""
+    try:
+        return run(batch)
+    except Exception as e:
+        if len(batch) == 1:
+            return [e]
+        logger.warning(f"a merged batch of {len(batch)} requests failed ({type(e).__name__}: {e}); running each alone")
+    replies: list[Reply | BaseException] = []
+    for work in batch:
+        try:
+            replies.extend(run([work]))
+        except Exception as e:
+            replies.append(e)
+    return replies
 
 
 async def _drain(requests: AsyncIterator[Any]) -> None:
