@@ -268,7 +268,10 @@ class LocalSwarm:
     must be a multiple of ``replicas``. ``server_args`` are extra ``swarm serve`` options
     (e.g. ``["--record-ttl", "4"]``). Children die with this process's thread that started them. With
     ``share_cores`` (default) the servers share the machine's cores (see ``server/host_cores.py``).
+    Children run :attr:`module` (``python -m``), which takes the arguments of ``ptune_search.swarm``.
     """
+
+    module = "ptune_search.swarm"
 
     def __init__(
         self,
@@ -369,7 +372,7 @@ class LocalSwarm:
         self._logs.append(log)
         env = dict(os.environ, **{PARENT_PID_ENV: str(os.getpid())})
         process = subprocess.Popen(
-            [sys.executable, "-m", "ptune_search.swarm", *args],
+            [sys.executable, "-m", self.module, *args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

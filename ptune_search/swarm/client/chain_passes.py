@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from ptune_search.swarm.client.response_checks import check_outputs
 from ptune_search.swarm.client.routing import BlockRouter, RemoteSpan
 from ptune_search.swarm.protocol import BlockService, ErrorKind, RequestRefused, span_uid
 from ptune_search.swarm.wire import STREAM_THRESHOLD, WIRE_DTYPES, call_server
@@ -151,11 +152,8 @@ class ChainPasses:
             timeout=self.settings.request_timeout,
             stream_threshold=self.settings.stream_threshold,
         )
-        expected_shapes = [tensors[0].shape] + (
-            [tensors[-1].shape] if method == "backward" and prompts is not None else []
-        )
-        if [output.shape for output in outputs] != expected_shapes:
-            raise ConnectionError(f"server {span} sent a malformed {method} response")
+        expected = [tensors[0]] + ([tensors[-1]] if method == "backward" and prompts is not None else [])
+        check_outputs(str(span.peer_id), method, outputs, expected)
         outputs[0] = outputs[0].to(dtype)
         return outputs, response
 
