@@ -24,10 +24,12 @@ from ptune_search.pretrained import resolve_model
 from ptune_search.search.disk_space import OutputDisk, full_disk_reported
 from ptune_search.search.disk_watch import FreeSpaceWatch
 from ptune_search.search.report import best_finished_trial, trial_rows, write_search_report
+from ptune_search.search.resumed_settings import CONFIG_FILE, check_resume_settings, flat_settings
 from ptune_search.search.tracking.outbox import TrackingOutbox
 from ptune_search.search.tracking.records import MlflowTrialCallback, SearchTracker
 from ptune_search.search.tracking.sender import OutboxSender, StoreUnreachable
 from ptune_search.search.trial import PromptTuningTrial, TrialSettings
+from ptune_search.search.trial_actors import TrialActors
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,8 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
     Everything that can fail fast (model, external swarm) is checked before a process starts. Ctrl-C stops
     the search at once (Tune's own SIGINT handler is off) and leaves it resumable with ``resume=True``.
     """
+    if resume:
+        check_resume_settings(config)
     model_path = str(resolve_model(config.model))
     if config.swarm.mode == "external":
         check_swarm_reachable(config.swarm.initial_peers)
@@ -124,7 +128,7 @@ def _run_search(config: ExperimentConfig, model_path: str, address: Optional[str
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     output_dir = config.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_file = output_dir / "config.yaml"
+    config_file = output_dir / CONFIG_FILE
     if not (resume and config_file.exists()):
         config_file.write_text(config.to_yaml())
     # A sqlite store keeps artifacts beside it; a tracking server (http) stores them itself (artifact proxying).
@@ -137,9 +141,10 @@ def _run_search(config: ExperimentConfig, model_path: str, address: Optional[str
     with OutboxSender(outbox, tracker) as sender:
         deliver_outbox(sender, config)  # records an interrupted run of this search left behind go first
         try:
-            with _ray(address), _swarm(config, model_path) as initial_peers:
+            # Trial actors end first (quietly, see TrialActors), then the swarm they use, then Ray.
+            with _ray(address), _swarm(config, model_path) as initial_peers, TrialActors.of_this_driver():
                 settings = _trial_settings(config, model_path, initial_peers)
-                parent_run_id = tracker.start_parent(output_dir.name, _flatten(config.to_dict()), config_file)
+                parent_run_id = tracker.start_parent(output_dir.name, flat_settings(config.to_dict()), config_file)
                 callback = MlflowTrialCallback(outbox, parent_run_id, _static_params(config))
                 rows = trial_rows(_fit(config, settings, callback, resume), METRIC)
                 best = best_finished_trial(rows, METRIC)
@@ -286,7 +291,8 @@ def _run_config(
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
-        callbacks=[callback, FreeSpaceWatch(disk)],  # the watch after MLflow: the last result is recorded
+        # The watch after MLflow: the last result is recorded.
+        callbacks=[callback, FreeSpaceWatch(disk), TrialActors.of_this_driver()],
         checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True),
         failure_config=tune.FailureConfig(max_failures=max_failures),
         progress_reporter=tune.CLIReporter(
@@ -308,17 +314,6 @@ def _static_params(config: ExperimentConfig) -> dict[str, Any]:
         "eval_every": budget.eval_every,
         "seed": config.seed,
     }
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"budget": {"max_steps": 5}}`` -> ``{"budget.max_steps": 5}``: one MLflow param per config field."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 @contextlib.contextmanager

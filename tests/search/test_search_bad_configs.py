@@ -7,7 +7,8 @@ import time
 import hivemind
 import pytest
 
-from tests.search.search_process import assert_no_survivors
+from ptune_search.config import load_config
+from tests.search.search_process import TINY_CONFIG, assert_no_survivors
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +46,20 @@ def test_unreachable_initial_peers_fail_before_ray_starts(run_search, tmp_path, 
     assert "could not join the swarm" in search.log() and unreachable_peer in search.log()
     assert not (tmp_path / "search").exists()
     assert_no_survivors(search)
+
+
+def test_resume_with_changed_settings_names_them_and_starts_nothing(run_search, tmp_path):
+    output = tmp_path / "search"
+    output.mkdir()
+    started_with = load_config(TINY_CONFIG, [f"output_dir={output}"])
+    (output / "config.yaml").write_text(started_with.to_yaml())
+    search = run_search(["budget.max_steps=24", "seed=3", "mlflow.flush_timeout_s=5"], extra_args=["--resume"])
+    assert search.wait(timeout=60) != 0
+    log = search.log()
+    assert f"--resume: the search in {output} started with other settings: " in log, log[-2000:]
+    assert f"budget.max_steps ({started_with.budget.max_steps} when it started, 24 now)" in log
+    assert f"seed ({started_with.seed} when it started, 3 now)" in log
+    assert "flush_timeout_s" not in log  # where the work runs may change on resume
+    assert "Traceback" not in log
+    assert sorted(path.name for path in output.iterdir()) == ["config.yaml"]
+    assert not search.seen, f"a refused resume started processes: {search.seen}"

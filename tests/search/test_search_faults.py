@@ -76,6 +76,7 @@ def test_ctrl_c_stops_everything_and_the_search_resumes(run_search, tmp_path):
     os.killpg(search.process.pid, signal.SIGINT)  # what a terminal sends to the foreground group on Ctrl-C
     assert search.wait(timeout=120) == 130, search.log()[-5000:]
     assert "interrupted" in search.log()
+    assert "Traceback" not in search.log()  # trial actors were ended before Ray, none printed its SIGTERM
     assert_no_survivors(search)
     assert runs_by_role(output, "search")[0].info.status == "KILLED"
     assert not [run for run in trial_runs(output).values() if run.info.status == "RUNNING"]

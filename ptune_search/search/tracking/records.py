@@ -24,6 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray import tune
 
 from ptune_search.prompts.prompt_folder import TRIAL_ARTIFACTS
+from ptune_search.search.tracking.filters import tag_clause, tagged
 from ptune_search.search.tracking.outbox import OutboxRecord, TrackingOutbox
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class SearchTracker:
 
     def start_parent(self, run_name: str, params: dict[str, Any], config_file: Path) -> str:
         """Reuse the parent of an earlier, interrupted run of the same search directory (resume)."""
-        existing = self._runs(f"tags.`{SEARCH_TAG}` = '{self.search_dir}' and tags.`{ROLE_TAG}` = 'search'")
+        existing = self._runs({SEARCH_TAG: self.search_dir, ROLE_TAG: "search"})
         if existing:
             self.parent_run_id = existing[0].info.run_id
             self.client.update_run(self.parent_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
@@ -115,7 +116,7 @@ class SearchTracker:
 
     def child_run_id(self, trial_id: str) -> Optional[str]:
         if trial_id not in self._run_ids:
-            existing = self._runs(f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{SEARCH_TAG}` = '{self.search_dir}'")
+            existing = self._runs({TRIAL_TAG: trial_id, SEARCH_TAG: self.search_dir})
             if not existing:
                 return None
             self._run_ids[trial_id] = existing[0].info.run_id
@@ -177,7 +178,7 @@ class SearchTracker:
 
     def abort(self) -> None:
         """An interrupted search: its parent and still-running children become KILLED until resumed."""
-        running = self._runs(f"tags.`{SEARCH_TAG}` = '{self.search_dir}' and attributes.status = 'RUNNING'")
+        running = self._runs({SEARCH_TAG: self.search_dir}, "attributes.status = 'RUNNING'")
         for run in running:
             self.client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
 
@@ -187,10 +188,11 @@ class SearchTracker:
             raise MlflowException(f"no run of trial {trial_id} in search {self.search_dir}", RESOURCE_DOES_NOT_EXIST)
         return run_id
 
-    def _runs(self, filter_string: str) -> list:
-        return list(
-            self.client.search_runs([self.experiment_id], filter_string, order_by=["attributes.start_time DESC"])
-        )
+    def _runs(self, tags: dict[str, str], *clauses: str) -> list:
+        """This experiment's runs with exactly these tags (values may hold quotes), newest first."""
+        filter_string = " and ".join([*(tag_clause(key, value) for key, value in tags.items()), *clauses])
+        runs = self.client.search_runs([self.experiment_id], filter_string, order_by=["attributes.start_time DESC"])
+        return tagged(runs, tags)
 
 
 def trial_params(trial: "Trial", static_params: dict[str, Any]) -> dict[str, Any]:
