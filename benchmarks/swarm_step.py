@@ -42,12 +42,14 @@ def make_batch(seed: int, vocab_size: int) -> dict[str, torch.Tensor]:
 
 
 def build_model(path: Path, mode: str, initial_peers: Optional[Sequence[str]] = None):
-    from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
+    from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 
     settings = dict(num_labels=NUM_LABELS, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN, request_timeout=120.0)
     if initial_peers:
-        return DistributedLlamaForSequenceClassification.from_pretrained(path, initial_peers=initial_peers, **settings)
-    return DistributedLlamaForSequenceClassification.from_pretrained(path, local_blocks=True, **settings)
+        return AutoDistributedModelForSequenceClassification.from_pretrained(
+            path, initial_peers=initial_peers, **settings
+        )
+    return AutoDistributedModelForSequenceClassification.from_pretrained(path, local_blocks=True, **settings)
 
 
 class TimedTraining:
@@ -90,7 +92,7 @@ def compare_step(path: Path, mode: str, peers: list[str], steps: int) -> dict:
             if index >= WARMUP_PAIRS:
                 times[name].append(elapsed)
     stats = dict(remote.model.layers.passes.stats)
-    remote.model.layers.close()
+    remote.close()
     local_median, swarm_median = statistics.median(times["local"]), statistics.median(times["swarm"])
     return {
         "benchmark": "swarm_step",
@@ -129,7 +131,7 @@ def client_process(
     started = time.perf_counter()
     step_times(model, batch, steps=steps, warmup=0)
     results.put((started, time.perf_counter()))
-    model.model.layers.close()
+    model.close()
 
 
 def throughput(path: Path, peers: list[str], clients: int, mode: str, steps: int, threads: int) -> dict:

@@ -26,9 +26,11 @@ def measure(model: str, initial_peers: list[str]) -> dict:
     from ptune_search.models.ptune import PTuneConfig
     from ptune_search.search.training import train_step, trainable_parameters
     from ptune_search.search.trial import build_classifier
+    from ptune_search.swarm.client.client_config import ClientConfig
 
     torch.manual_seed(0)
-    classifier = build_classifier(model, 5, 2, PTuneConfig(16, "ptune"), initial_peers or None)
+    swarm = ClientConfig(initial_peers=initial_peers) if initial_peers else None
+    classifier = build_classifier(model, 5, 2, PTuneConfig(16, "ptune"), swarm)
     optimizer = torch.optim.AdamW(trainable_parameters(classifier), lr=1e-3)
     batch = {
         "input_ids": torch.randint(0, 40000, (8, 64)),
@@ -38,9 +40,7 @@ def measure(model: str, initial_peers: list[str]) -> dict:
     train_step(classifier, optimizer, batch)
     first_step_s = time.time() - PROCESS_START
     parameters = sum(p.numel() for p in classifier.parameters())
-    close = getattr(classifier.model.layers, "close", None)
-    if close is not None:
-        close()
+    classifier.close()
     return {
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "start_to_first_step_s": first_step_s,

@@ -39,6 +39,7 @@ from pydantic import (
 )
 
 from ptune_search.models.ptune import TUNING_MODES, TuningMode
+from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.launcher import replica_layout_problem
 
 _MAX_SHOWN = 100  # characters of a value quoted in an error
@@ -120,8 +121,8 @@ class SwarmConfig(_Section):
     # A trial's client: how long one server may take to answer before the request goes to another replica,
     # and how long a block may have no online server (one died, its replacement is starting) before the
     # trial fails, to be retried from its checkpoint (budget.max_failures times).
-    request_timeout: Annotated[float, Field(gt=0)] = 30.0
-    block_wait_timeout: Annotated[float, Field(gt=0)] = 30.0
+    request_timeout: Annotated[float, Field(gt=0)] = ClientConfig.request_timeout
+    block_wait_timeout: Annotated[float, Field(gt=0)] = ClientConfig.block_wait_timeout
 
     @field_validator("initial_peers")
     @classmethod
@@ -282,6 +283,13 @@ class ExperimentConfig(_Section):
                 f"{model} {problem}; use a model alias ({', '.join(MODEL_ALIASES)}) "
                 "or a Hugging Face checkpoint folder",
             )
+        if _checks_paths(info):
+            from ptune_search.models.registry import UnsupportedModelError, check_supported
+
+            try:
+                check_supported(path)
+            except (UnsupportedModelError, ValueError) as error:
+                raise _Problem((), str(error)) from None
         return str(path)
 
     @field_validator("output_dir", mode="before")

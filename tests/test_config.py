@@ -69,7 +69,7 @@ def test_tiny_experiment_uses_the_generated_model_alias() -> None:
 
 def test_a_model_folder_is_found_relative_to_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "runs" / "my-llama").mkdir(parents=True)
-    (tmp_path / "runs" / "my-llama" / "config.json").write_text("{}")
+    (tmp_path / "runs" / "my-llama" / "config.json").write_text('{"model_type": "llama"}')
     monkeypatch.chdir(tmp_path)
     assert load_config(TINY, ["model=runs/my-llama"]).model == str(tmp_path / "runs" / "my-llama")
 
@@ -162,6 +162,13 @@ def test_missing_model_path(tmp_path: Path) -> None:
     assert str(info.value) == (
         "model: /x/y does not exist; use a model alias (smollm2-135m, tiny-llama) or a Hugging Face checkpoint folder"
     )
+
+
+def test_a_model_of_an_unsupported_family_is_refused_naming_the_supported_ones(tmp_path: Path) -> None:
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ConfigError, match=r"model: .*'gpt2'.* supported model types: bloom, falcon, llama, mistral"):
+        parse_config({"model": str(tmp_path / "gpt")}, tmp_path)
 
 
 def test_model_folder_without_config_json(tmp_path: Path) -> None:
@@ -339,7 +346,7 @@ def tiny_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cwd in which tiny.yaml's model folder exists, so path checks run too."""
     base = tmp_path_factory.mktemp("base")
     (base / "runs" / "tiny-llama").mkdir(parents=True)
-    (base / "runs" / "tiny-llama" / "config.json").write_text("{}")
+    (base / "runs" / "tiny-llama" / "config.json").write_text('{"model_type": "llama"}')
     return base
 
 

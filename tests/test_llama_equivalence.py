@@ -104,11 +104,10 @@ def test_deep_ptune_outputs_and_prompt_grads_equal_a_layer_loop_reference(tiny_m
 
 @pytest.mark.parametrize("mode", [None, "ptune", "deep_ptune"])
 def test_right_padded_batch_equals_each_sequence_alone(tiny_model_path, mode):
-    config = AutoConfig.from_pretrained(tiny_model_path)
-    config.num_labels = 4
-    config.tuning_mode = mode
-    config.pre_seq_len = 4 if mode else 0
-    model = DistributedLlamaForSequenceClassification.from_pretrained(tiny_model_path, config=config, local_blocks=True)
+    model = DistributedLlamaForSequenceClassification.from_pretrained(
+        tiny_model_path, local_blocks=True, num_labels=4, tuning_mode=mode, pre_seq_len=4 if mode else 0
+    )
+    config = model.config
     lengths = [9, 4, 6]
     sequences = [token_batch(1, n, seed=n)[0] for n in lengths]
     ids = torch.full((3, max(lengths)), config.pad_token_id)

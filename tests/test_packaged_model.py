@@ -27,11 +27,14 @@ def test_ten_adamw_steps_of_ptune_lower_the_training_loss():
     path = prepare_model("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(path)
     task = load_task(TaskSpec("bbc_news"), tokenizer, max_length=64, train_size=200, validation_size=50, seed=0)
-    config = AutoConfig.from_pretrained(path)
-    config.num_labels = task.num_labels
-    config.pad_token_id = tokenizer.pad_token_id
-    config.tuning_mode, config.pre_seq_len = "ptune", 16
-    model = DistributedLlamaForSequenceClassification.from_pretrained(path, config=config, local_blocks=True)
+    model = DistributedLlamaForSequenceClassification.from_pretrained(
+        path,
+        local_blocks=True,
+        num_labels=task.num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+        tuning_mode="ptune",
+        pre_seq_len=16,
+    )
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=3e-3)
     probe = next(task.train.batches(16))
 

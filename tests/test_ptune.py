@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig
 
 from ptune_search import PTuneConfig, PTuneMixin
 from ptune_search.models import DistributedLlamaForCausalLM, DistributedLlamaForSequenceClassification
@@ -11,11 +10,9 @@ HIDDEN, LAYERS = 64, 4
 
 
 def classifier(path, tuning_mode, pre_seq_len, **kwargs):
-    config = AutoConfig.from_pretrained(path)
-    config.num_labels = 5
-    config.tuning_mode = tuning_mode
-    config.pre_seq_len = pre_seq_len
-    return DistributedLlamaForSequenceClassification.from_pretrained(path, config=config, local_blocks=True, **kwargs)
+    return DistributedLlamaForSequenceClassification.from_pretrained(
+        path, local_blocks=True, num_labels=5, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, **kwargs
+    )
 
 
 def test_ptune_config_defaults_mean_no_tuning():

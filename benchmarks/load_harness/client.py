@@ -92,9 +92,9 @@ class PromptTraining:
     """AdamW steps of a swarm classifier's prompts and head on one fixed random batch."""
 
     def __init__(self, spec: ClientSpec):
-        from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
+        from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 
-        self.model = DistributedLlamaForSequenceClassification.from_pretrained(
+        self.model = AutoDistributedModelForSequenceClassification.from_pretrained(
             spec.model,
             initial_peers=spec.initial_peers,
             num_labels=spec.num_labels,
@@ -120,7 +120,7 @@ class PromptTraining:
         return dict(self.model.model.layers.passes.stats)
 
     def close(self) -> None:
-        self.model.model.layers.close()
+        self.model.close()
 
 
 def wait_for_deadline(go_path: Path, timeout: float) -> float:

@@ -58,7 +58,7 @@ class PromptClassifier:
         from transformers import AutoTokenizer
 
         from ptune_search.data import prepare_tokenizer
-        from ptune_search.models import DistributedLlamaForSequenceClassification
+        from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
@@ -73,7 +73,7 @@ class PromptClassifier:
         self.tokenizer.padding_side = manifest.tokenizer.padding_side
         self.tokenizer.truncation_side = manifest.tokenizer.truncation_side
         overrides = {"dht_prefix": dht_prefix} if dht_prefix else {}
-        self.model = DistributedLlamaForSequenceClassification.from_pretrained(
+        self.model = AutoDistributedModelForSequenceClassification.from_pretrained(
             path,
             prompt=prompt,
             local_blocks=local_blocks,
@@ -89,9 +89,7 @@ class PromptClassifier:
         self.close()
 
     def close(self) -> None:
-        close = getattr(self.model.model.layers, "close", None)  # a swarm connection; local blocks have none
-        if close is not None:
-            close()
+        self.model.close()
 
     def classify(self, texts: Iterable[str]) -> Iterator[Prediction]:
         """Predictions in the order of ``texts``, computed ``batch_size`` texts at a time."""

@@ -6,10 +6,10 @@ import dataclasses
 import logging
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from ptune_search.data import TaskSpec, load_task
-from ptune_search.models import DistributedLlamaForSequenceClassification
+from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 from ptune_search.pretrained import resolve_model
 from ptune_search.search.training import evaluate, train_step, trainable_parameters
 
@@ -51,12 +51,14 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         settings.validation_size,
         settings.seed,
     )
-    config = AutoConfig.from_pretrained(path)
-    config.num_labels = task.num_labels
-    config.pad_token_id = tokenizer.pad_token_id
-    config.tuning_mode = settings.tuning_mode
-    config.pre_seq_len = settings.pre_seq_len
-    model = DistributedLlamaForSequenceClassification.from_pretrained(path, config=config, local_blocks=True)
+    model = AutoDistributedModelForSequenceClassification.from_pretrained(
+        path,
+        local_blocks=True,
+        num_labels=task.num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+        tuning_mode=settings.tuning_mode,
+        pre_seq_len=settings.pre_seq_len,
+    )
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=settings.lr)
     before = evaluate(model, task.validation, settings.batch_size)
     logger.info("validation accuracy before tuning: %.3f", before.accuracy)

@@ -30,6 +30,7 @@ from ptune_search.search.tracking.records import MlflowTrialCallback, SearchTrac
 from ptune_search.search.tracking.sender import OutboxSender, StoreUnreachable
 from ptune_search.search.trial import PromptTuningTrial, TrialSettings
 from ptune_search.search.trial_actors import TrialActors
+from ptune_search.swarm.client.client_config import ClientConfig
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +201,11 @@ def _trial_settings(config: ExperimentConfig, model_path: str, initial_peers: li
         eval_every=config.budget.eval_every,
         batch_size=config.budget.batch_size,
         seed=config.seed,
-        initial_peers=initial_peers,
-        swarm_timeouts={"request_timeout": swarm.request_timeout, "block_wait_timeout": swarm.block_wait_timeout},
+        swarm=ClientConfig(
+            initial_peers=initial_peers,
+            request_timeout=swarm.request_timeout,
+            block_wait_timeout=swarm.block_wait_timeout,
+        ),
     )
 
 

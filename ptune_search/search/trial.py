@@ -16,13 +16,15 @@ from typing import Any, Optional
 import torch
 from ray import tune
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from ptune_search.data import TaskSpec, load_task
-from ptune_search.models import DistributedLlamaForSequenceClassification
+from ptune_search.models.distributed import DistributedForSequenceClassification
 from ptune_search.models.ptune import PTuneConfig
+from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 from ptune_search.prompts.prompt_folder import HEAD_FILE, PROMPT_FILE, PTUNE_CONFIG_FILE
 from ptune_search.search.training import evaluate, train_step, trainable_parameters
+from ptune_search.swarm.client.client_config import ClientConfig
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trial_state.json"
@@ -41,28 +43,18 @@ class TrialSettings:
     eval_every: int
     batch_size: int
     seed: int
-    initial_peers: Optional[list[str]] = None  # None: blocks in the trial's own process (tests, baselines)
-    swarm_timeouts: Optional[dict[str, float]] = None  # client settings (request_timeout, block_wait_timeout)
+    swarm: Optional[ClientConfig] = None  # how trials reach the swarm; None: blocks in the trial's own process
 
 
 def build_classifier(
-    model_path: str,
-    num_labels: int,
-    pad_token_id: int,
-    ptune: PTuneConfig,
-    initial_peers: Optional[list[str]],
-    swarm_timeouts: Optional[dict[str, float]] = None,
-) -> DistributedLlamaForSequenceClassification:
-    """``swarm_timeouts`` (e.g. ``{"request_timeout": 10}``) override the swarm client's defaults."""
-    config = AutoConfig.from_pretrained(model_path)
-    config.num_labels = num_labels
-    config.pad_token_id = pad_token_id
-    config.tuning_mode = ptune.tuning_mode
-    config.pre_seq_len = ptune.pre_seq_len
-    if not initial_peers:
-        return DistributedLlamaForSequenceClassification.from_pretrained(model_path, config=config, local_blocks=True)
-    return DistributedLlamaForSequenceClassification.from_pretrained(
-        model_path, config=config, initial_peers=initial_peers, **(swarm_timeouts or {})
+    model_path: str, num_labels: int, pad_token_id: int, ptune: PTuneConfig, swarm: Optional[ClientConfig]
+) -> DistributedForSequenceClassification:
+    """The classifier of the checkpoint's family, its blocks on the swarm (or local when ``swarm`` is None)."""
+    settings = dict(num_labels=num_labels, pad_token_id=pad_token_id, **dataclasses.asdict(ptune))
+    if swarm is None:
+        return AutoDistributedModelForSequenceClassification.from_pretrained(model_path, local_blocks=True, **settings)
+    return AutoDistributedModelForSequenceClassification.from_pretrained(
+        model_path, **settings, **dataclasses.asdict(swarm)
     )
 
 
@@ -89,8 +81,7 @@ class PromptTuningTrial(tune.Trainable):
             self.task.num_labels,
             tokenizer.pad_token_id,
             self.ptune,
-            settings.initial_peers,
-            settings.swarm_timeouts,
+            settings.swarm,
         )
         self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=config["lr"])
         self.steps_done = 0
@@ -150,6 +141,4 @@ class PromptTuningTrial(tune.Trainable):
         )  # Ray forwards it to the driver
 
     def cleanup(self) -> None:
-        close = getattr(self.model.model.layers, "close", None)  # a swarm connection; local blocks have none
-        if close is not None:
-            close()
+        self.model.close()

@@ -288,10 +288,13 @@ class LocalSwarm:
     ):
         from transformers import AutoConfig
 
+        from ptune_search.models.registry import check_supported
+
         problem = replica_layout_problem(servers, replicas)
         if problem:
             raise ValueError(f"--{problem}")
         self.model = Path(model)
+        check_supported(self.model)
         self.config = AutoConfig.from_pretrained(self.model)
         if dht_prefix:
             self.config.dht_prefix = dht_prefix

@@ -23,7 +23,6 @@ from hivemind.proto import runtime_pb2
 from ptune_search.swarm.protocol import pack_metadata, raise_if_error, unpack_metadata
 
 CHUNK_BYTES = 1024 * 1024
-STREAM_THRESHOLD = 1024 * 1024
 MAX_DIMS = 8
 MAX_ELEMENTS = 2**48  # of the shape with its zero sizes counted as 1: beyond it torch's size arithmetic overflows
 MIN_PART_BYTES = 4096  # a stream may cut its tensors finer, but carries at most max_bytes / this many parts
@@ -202,7 +201,7 @@ async def call_server(
     *,
     timeout: float,
     max_response_bytes: int = 2**31,
-    stream_threshold: int = STREAM_THRESHOLD,
+    stream_threshold: int,
 ) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Call ``rpc_<method>`` (unary) or ``rpc_<method>_stream`` (large payloads) on a block server.
 

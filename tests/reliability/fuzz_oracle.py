@@ -9,7 +9,7 @@ from fuzz_requests import NUM_BLOCKS, Expect, FuzzCase, SpanInputs
 from fuzz_sending import Outcome
 from transformers import AutoConfig
 
-from ptune_search.models.llama.blocks import LlamaBlockSpan, run_llama_span
+from ptune_search.models.llama.model import LlamaBlockSpan
 from ptune_search.swarm.protocol import ErrorKind
 
 REFUSAL_KINDS = (ErrorKind.BAD_REQUEST, ErrorKind.UNKNOWN_BLOCK)
@@ -23,10 +23,9 @@ class LocalBlocks:
         self.span = LlamaBlockSpan.from_checkpoint(model, AutoConfig.from_pretrained(model), 0, NUM_BLOCKS)
 
     def answer(self, inputs: SpanInputs) -> list[torch.Tensor]:
-        blocks = self.span.blocks[inputs.start : inputs.end]
         if inputs.method == "forward":
             with torch.no_grad():
-                return [run_llama_span(blocks, self.span.rotary_emb, inputs.hidden, inputs.mask, inputs.prompts)]
+                return [self.span.run(inputs.start, inputs.end, inputs.hidden, inputs.mask, inputs.prompts)]
         hidden = inputs.hidden.clone().requires_grad_(True)
         wrt = [hidden]
         prompts = None
@@ -34,7 +33,7 @@ class LocalBlocks:
             prompts = inputs.prompts.clone().requires_grad_(True)
             wrt.append(prompts)
         with torch.enable_grad():
-            output = run_llama_span(blocks, self.span.rotary_emb, hidden, inputs.mask, prompts)
+            output = self.span.run(inputs.start, inputs.end, hidden, inputs.mask, prompts)
             return list(torch.autograd.grad(output, wrt, grad_outputs=inputs.grad_outputs))
 
 

@@ -91,7 +91,7 @@ def swarm_classifier(tiny_llama: Path) -> Iterator[Callable[..., DistributedLlam
         yield build
     finally:
         for model in models:
-            model.model.layers.close()
+            model.close()
     leftovers = p2pd_children_of_this_process()
     assert not leftovers, f"p2p daemons of closed clients still run: {leftovers}"
 

@@ -23,6 +23,7 @@ import torch
 
 from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
 from ptune_search.models.tiny_llama import make_tiny_llama
+from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.client.routing import BlockRouter, fetch_block_records
 from ptune_search.swarm.launcher import LocalSwarm
@@ -151,7 +152,7 @@ def test_lying_and_garbage_records_are_ignored_or_banned_and_training_equals_loc
         remote_losses = train(remote, batches)
         stats = remote.model.layers.passes.stats
     finally:
-        remote.model.layers.close()
+        remote.close()
     local_losses = train(local, batches)
 
     warnings = [
@@ -185,7 +186,7 @@ def test_with_trusted_servers_a_client_routes_only_to_them(swarm, forger, caplog
     with SwarmConnection(swarm.initial_peers) as client:
         routed = {}
         for trusted in (None, [server_a, server_b]):
-            router = BlockRouter(client.node, PREFIX, NUM_BLOCKS, trusted_servers=trusted)
+            router = BlockRouter(client.node, PREFIX, NUM_BLOCKS, ClientConfig(), trusted_servers=trusted)
             client.run(router.refresh(), timeout=60)
             routed[trusted is None] = [{p.to_base58() for p in router.servers_for(b)} for b in range(NUM_BLOCKS)]
     forger_peer = forger.key.peer_id.to_base58()

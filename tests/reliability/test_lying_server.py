@@ -73,7 +73,7 @@ def test_a_lying_server_without_replica_fails_the_pass_with_an_error_naming_it(l
             for _ in range(3):  # its forwards alternate truths and lies: the lies fail a pass within 3 steps
                 remote(**classification_batch(0, vocab=remote.config.vocab_size)).loss.backward()
     finally:
-        remote.model.layers.close()
+        remote.close()
     assert swarm.servers[0].peer_id in str(failure.value)
     print(f"error: {failure.value}")
 
@@ -106,7 +106,7 @@ def test_every_lie_is_caught_and_training_with_an_honest_replica_equals_local_bl
                 losses[name].append(output.loss.item())
         stats = remote.model.layers.passes.stats
     finally:
-        remote.model.layers.close()
+        remote.close()
 
     told = lies_told(swarm)[told_before:]
     assert every_lie_told(told), f"not every lie was told, to forwards and backwards, in {MAX_STEPS} steps: {told}"

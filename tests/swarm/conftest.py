@@ -78,7 +78,7 @@ def remote_classifier(swarm_model: Path) -> Iterator[Callable[..., DistributedLl
         yield build
     finally:
         for model in models:
-            model.model.layers.close()
+            model.close()
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ptune_search.models.llama.blocks import LlamaBlockSpan
-from ptune_search.models.llama.model import DistributedLlamaConfig
+from ptune_search.models.llama.model import DistributedLlamaConfig, LlamaBlockSpan
 from ptune_search.swarm.client.remote_chain import RemoteBlockChain
 from ptune_search.swarm.launcher import LocalSwarm
 
@@ -80,11 +79,9 @@ class SwarmRegistry:
 def swarm_config(model: Path, swarm: Optional[LocalSwarm], **overrides) -> DistributedLlamaConfig:
     from transformers import AutoConfig
 
-    config = DistributedLlamaConfig.from_any(AutoConfig.from_pretrained(model))
-    config.initial_peers = swarm.initial_peers if swarm is not None else None
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+    initial_peers = swarm.initial_peers if swarm is not None else None
+    settings = {"initial_peers": initial_peers, **overrides}
+    return DistributedLlamaConfig.from_dict(AutoConfig.from_pretrained(model).to_dict(), **settings)
 
 
 def copy_trainable(source: torch.nn.Module, target: torch.nn.Module) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from swarm_testing import swarm_config
 
-from ptune_search.models.llama.blocks import LlamaBlockSpan, run_llama_span
+from ptune_search.models.llama.model import LlamaBlockSpan
 from ptune_search.swarm.server.checks import SpanRequest
 from ptune_search.swarm.server.fair_queue import FairQueue, Mergeable, MergeLimits
 from ptune_search.swarm.server.merged_pass import MergedForward
@@ -40,14 +40,14 @@ def span(swarm_model: Path) -> LlamaBlockSpan:
 
 
 def span_fn(span: LlamaBlockSpan):
-    return lambda hidden, mask, prompts: run_llama_span(span.blocks, span.rotary_emb, hidden, mask, prompts)
+    return lambda hidden, mask, prompts: span(hidden, mask, prompts)
 
 
 def alone(span: LlamaBlockSpan, r: SpanRequest) -> list[torch.Tensor]:
     """Output, input grad and prompt grad of ``r`` run by itself, as a server did before merging."""
     hidden = r.hidden.clone().requires_grad_(True)
     prompts = None if r.prompts is None else r.prompts.clone().requires_grad_(True)
-    output = run_llama_span(span.blocks, span.rotary_emb, hidden, r.attention_mask, prompts)
+    output = span(hidden, r.attention_mask, prompts)
     output.backward(r.grad_outputs)
     return [output.detach(), hidden.grad] + ([] if prompts is None else [prompts.grad])
 

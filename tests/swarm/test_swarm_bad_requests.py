@@ -13,6 +13,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from swarm_testing import HIDDEN, MAX_PAYLOAD, MAX_TOKENS
 
+from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.protocol import (
     BlockService,
@@ -52,7 +53,10 @@ def server(swarm2):
 
 def send(server, method: str, uid: str, tensors, metadata: dict):
     connection, stub = server
-    return connection.run(call_server(stub, method, uid, tensors, metadata, timeout=30), timeout=60)
+    return connection.run(
+        call_server(stub, method, uid, tensors, metadata, timeout=30, stream_threshold=ClientConfig.stream_threshold),
+        timeout=60,
+    )
 
 
 def send_raw(server, request: runtime_pb2.ExpertRequest):

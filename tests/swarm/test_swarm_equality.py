@@ -6,8 +6,7 @@ import pytest
 import torch
 from swarm_testing import HIDDEN, NUM_BLOCKS, chain_vs_local_blocks, classification_batch, copy_trainable, swarm_config
 
-from ptune_search.models.llama.blocks import LlamaBlockSpan
-from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
+from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification, LlamaBlockSpan
 from ptune_search.swarm.client.remote_chain import RemoteBlockChain
 
 TOLERANCE = 1e-5

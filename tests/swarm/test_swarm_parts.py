@@ -15,6 +15,7 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 
+from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.routing import BlockRouter, MissingBlockError
 from ptune_search.swarm.protocol import (
     ErrorKind,
@@ -170,7 +171,7 @@ def peer(index: int) -> PeerID:
 
 
 def test_router_prefers_long_spans_avoids_banned_servers_and_retries_them_when_nothing_else_is_left():
-    router = BlockRouter(None, "m", 4, update_period=float("inf"))
+    router = BlockRouter(None, "m", 4, ClientConfig(route_update_period=float("inf")))
     router._updated = time.monotonic()
     whole, first, second = peer(1), peer(2), peer(3)
     router._online = [

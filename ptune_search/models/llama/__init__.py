@@ -1,0 +1,4 @@
+from ptune_search.models.llama.model import DistributedLlamaForCausalLM, DistributedLlamaForSequenceClassification
+from ptune_search.models.registry import ModelFamily
+
+FAMILY = ModelFamily(DistributedLlamaForSequenceClassification, DistributedLlamaForCausalLM)

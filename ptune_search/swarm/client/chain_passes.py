@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.response_checks import check_outputs
 from ptune_search.swarm.client.routing import BlockRouter, RemoteSpan
 from ptune_search.swarm.protocol import BlockService, ErrorKind, RequestRefused, span_uid
-from ptune_search.swarm.wire import STREAM_THRESHOLD, WIRE_DTYPES, call_server
+from ptune_search.swarm.wire import WIRE_DTYPES, call_server
 
 if TYPE_CHECKING:
     from hivemind.p2p import P2P
@@ -40,15 +41,6 @@ class SwarmRequestError(RuntimeError):
 
 
 @dataclasses.dataclass
-class ChainSettings:
-    request_timeout: float = 30.0
-    max_retries: int = 5  # failed attempts per block before giving up
-    backoff_base: float = 0.5
-    backoff_max: float = 8.0
-    stream_threshold: int = STREAM_THRESHOLD
-
-
-@dataclasses.dataclass
 class Hop:
     """One forward call that succeeded: blocks of ``span`` computed from ``inputs`` under ``request_id``."""
 
@@ -58,7 +50,7 @@ class Hop:
 
 
 class ChainPasses:
-    def __init__(self, p2p: "P2P", router: BlockRouter, settings: ChainSettings):
+    def __init__(self, p2p: "P2P", router: BlockRouter, settings: ClientConfig):
         self.p2p, self.router, self.settings = p2p, router, settings
         self.stats = {"failed_calls": 0, "rerouted_backward_hops": 0, "server_recomputes": 0}
 

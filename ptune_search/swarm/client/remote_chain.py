@@ -8,8 +8,7 @@ and the deep prompts. Deep prompts expanded over the batch (``get_prompt``) trav
 
 Example::
 
-    config = DistributedLlamaConfig.from_any(AutoConfig.from_pretrained(path))
-    config.initial_peers = open("peers.txt").read().split()
+    config = DistributedLlamaConfig.from_pretrained(path, initial_peers=open("peers.txt").read().split())
     chain = RemoteBlockChain.connect(config)
     hidden = chain(hidden, attention_mask, None)
     chain.close()
@@ -17,68 +16,36 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ptune_search.swarm.client.chain_passes import ChainPasses, ChainSettings, Hop
+from ptune_search.swarm.client.chain_passes import ChainPasses, Hop
+from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.client.routing import BlockRouter
 from ptune_search.swarm.protocol import model_prefix
-from ptune_search.swarm.wire import STREAM_THRESHOLD
-
-
-@dataclasses.dataclass
-class ClientSettings:
-    """Client settings; ``from_config`` reads the DistributedLlamaConfig fields of the same names."""
-
-    request_timeout: float = 30.0
-    max_retries: int = 5
-    block_wait_timeout: float = 30.0
-    ban_timeout: float = 15.0
-    route_update_period: float = 30.0
-    stream_threshold: int = STREAM_THRESHOLD  # payloads above this many bytes are streamed
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ClientSettings":
-        defaults = cls()
-        values = {f.name: getattr(config, f.name, None) for f in dataclasses.fields(cls)}
-        return cls(**{name: getattr(defaults, name) if value is None else value for name, value in values.items()})
 
 
 class RemoteBlockChain(nn.Module):
-    def __init__(self, connection: SwarmConnection, prefix: str, num_blocks: int, settings: ClientSettings):
+    def __init__(self, connection: SwarmConnection, prefix: str, num_blocks: int, settings: ClientConfig):
         super().__init__()
         self.connection, self.prefix, self.num_blocks, self.settings = connection, prefix, num_blocks, settings
-        self.router = BlockRouter(
-            connection.node,
-            prefix,
-            num_blocks,
-            update_period=settings.route_update_period,
-            ban_timeout=settings.ban_timeout,
-            block_wait_timeout=settings.block_wait_timeout,
-        )
-        chain_settings = ChainSettings(
-            request_timeout=settings.request_timeout,
-            max_retries=settings.max_retries,
-            stream_threshold=settings.stream_threshold,
-        )
-        self.passes = ChainPasses(connection.p2p, self.router, chain_settings)
+        self.router = BlockRouter(connection.node, prefix, num_blocks, settings)
+        self.passes = ChainPasses(connection.p2p, self.router, settings)
         self.last_route: list[tuple[str, int, int]] = []  # (peer id, start, end) of the last forward's hops
 
     @classmethod
-    def connect(
-        cls, config: Any, dtype: torch.dtype = torch.float32, *, initial_peers: Optional[Sequence[str]] = None
-    ) -> "RemoteBlockChain":
+    def connect(cls, config: ClientConfig, *, initial_peers: Optional[Sequence[str]] = None) -> "RemoteBlockChain":
         """Join the swarm of ``config.initial_peers`` (or ``initial_peers``) for the model ``config`` describes.
 
-        ``dtype`` is the dtype of the hidden states the model passes in; servers of another dtype get theirs.
+        ``config`` is a model's ``Distributed<Family>Config``: a :class:`ClientConfig` that also names the
+        checkpoint (for the DHT prefix) and its ``num_hidden_layers``.
         """
-        peers = list(initial_peers or getattr(config, "initial_peers", None) or [])
+        peers = list(initial_peers or config.initial_peers or [])
         connection = SwarmConnection(peers)
-        return cls(connection, model_prefix(config), config.num_hidden_layers, ClientSettings.from_config(config))
+        return cls(connection, model_prefix(config), config.num_hidden_layers, config)
 
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, deep_prompts: Optional[torch.Tensor] = None

@@ -23,6 +23,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.protocol import PROTOCOL_VERSION, ServerRecord, ServerState, block_uid, parse_block_uid
 from ptune_search.swarm.signed_records import owner_peer_id
 
@@ -132,17 +133,16 @@ class BlockRouter:
         node: "DHTNode",
         prefix: str,
         num_blocks: int,
+        settings: ClientConfig,
         *,
-        update_period: float = 30.0,
-        ban_timeout: float = 15.0,
-        block_wait_timeout: float = 30.0,
         trusted_servers: Optional[Sequence[str]] = None,
     ):
         """``trusted_servers``: base58 peer ids; when given, only these servers are used (a private swarm)."""
         self.node, self.prefix, self.num_blocks = node, prefix, num_blocks
         self.trusted = frozenset(trusted_servers) if trusted_servers is not None else None
         self.uids = [block_uid(prefix, index) for index in range(num_blocks)]
-        self.update_period, self.ban_timeout, self.block_wait_timeout = update_period, ban_timeout, block_wait_timeout
+        self.update_period = settings.route_update_period
+        self.ban_timeout, self.block_wait_timeout = settings.ban_timeout, settings.block_wait_timeout
         self._online: list[dict["PeerID", ServerRecord]] = [{} for _ in range(num_blocks)]
         self._joining: list[bool] = [False] * num_blocks
         self._updated = -float("inf")

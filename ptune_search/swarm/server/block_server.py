@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 from transformers import AutoConfig
 
-from ptune_search.models.llama.blocks import LlamaBlockSpan
+from ptune_search.models.decoder_span import DecoderBlockSpan
+from ptune_search.models.registry import family_of
 from ptune_search.swarm.protocol import (
     PROTOCOL_VERSION,
     BlockService,
@@ -80,6 +81,7 @@ class BlockServer:
         self.model_path = Path(model_path)
         self.settings = settings or ServerSettings()
         self.config = AutoConfig.from_pretrained(self.model_path)
+        self.family = family_of(self.config.model_type, str(self.model_path))
         num_blocks = self.config.num_hidden_layers
         if not 0 <= start < end <= num_blocks:
             raise ValueError(f"blocks {start}:{end} are outside the model's 0:{num_blocks} ({self.model_path})")
@@ -157,13 +159,15 @@ class BlockServer:
             )
         return key, node
 
-    def _load_span(self) -> LlamaBlockSpan:
+    def _load_span(self) -> DecoderBlockSpan:
         started = time.perf_counter()
-        span = LlamaBlockSpan.from_checkpoint(self.model_path, self.config, self.start, self.end, self.settings.dtype)
+        span = self.family.span_class.from_checkpoint(
+            self.model_path, self.config, self.start, self.end, self.settings.dtype
+        )
         logger.info(f"loaded blocks {self.start}:{self.end} in {time.perf_counter() - started:.1f}s")
         return span
 
-    def _handlers(self, span: LlamaBlockSpan, queue: FairQueue, throughput: float) -> BlockRPCHandlers:
+    def _handlers(self, span: DecoderBlockSpan, queue: FairQueue, throughput: float) -> BlockRPCHandlers:
         settings = self.settings
         served = ServedSpan(self.prefix, self.start, self.end, self.config.hidden_size, settings.dtype, settings.limits)
         info = {
@@ -180,9 +184,9 @@ class BlockServer:
         return BlockRPCHandlers(span, served, queue, cache, info)
 
 
-def measure_throughput(span: LlamaBlockSpan, dtype: torch.dtype, tokens: int = 128) -> float:
+def measure_throughput(span: DecoderBlockSpan, dtype: torch.dtype, tokens: int = 128) -> float:
     """Tokens per second of one forward through the whole span (the second of two runs)."""
-    hidden = torch.randn(1, tokens, _hidden_size(span), dtype=dtype)
+    hidden = torch.randn(1, tokens, span.hidden_size, dtype=dtype)
     mask = torch.ones(1, tokens, dtype=torch.long)
     elapsed = float("inf")
     with torch.no_grad():
@@ -191,7 +195,3 @@ def measure_throughput(span: LlamaBlockSpan, dtype: torch.dtype, tokens: int = 1
             span(hidden, mask)
             elapsed = time.perf_counter() - started
     return tokens / max(elapsed, 1e-9)
-
-
-def _hidden_size(span: LlamaBlockSpan) -> int:
-    return span.blocks[0].input_layernorm.weight.shape[0]

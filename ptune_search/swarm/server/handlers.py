@@ -22,7 +22,7 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
-from ptune_search.models.llama.blocks import LlamaBlockSpan, run_llama_span
+from ptune_search.models.decoder_span import DecoderBlockSpan
 from ptune_search.swarm.protocol import ErrorKind, RequestRefused, error_metadata, pack_metadata
 from ptune_search.swarm.server.activation_cache import ActivationCache
 from ptune_search.swarm.server.checks import (
@@ -55,10 +55,10 @@ class _Work:
 
 
 class BlockRPCHandlers:
-    """Implements :class:`~ptune_search.swarm.protocol.BlockService` for a loaded :class:`LlamaBlockSpan`."""
+    """Implements :class:`~ptune_search.swarm.protocol.BlockService` for a loaded :class:`DecoderBlockSpan`."""
 
     def __init__(
-        self, span: LlamaBlockSpan, served: ServedSpan, queue: FairQueue, cache: ActivationCache, info: dict[str, Any]
+        self, span: DecoderBlockSpan, served: ServedSpan, queue: FairQueue, cache: ActivationCache, info: dict[str, Any]
     ):
         self.span, self.served, self.queue, self.cache, self.info = span, served, queue, cache, info
         tensors = list(span.parameters()) + list(span.buffers())
@@ -179,10 +179,8 @@ class BlockRPCHandlers:
         return outputs, response
 
     def _span_fn(self, start: int, end: int) -> SpanFn:
-        blocks = self.span.blocks[start - self.span.start : end - self.span.start]
-
         def run(hidden: torch.Tensor, mask: torch.Tensor, prompts: Optional[torch.Tensor]) -> torch.Tensor:
-            return run_llama_span(blocks, self.span.rotary_emb, hidden, mask, prompts)
+            return self.span.run(start, end, hidden, mask, prompts)
 
         return run
 

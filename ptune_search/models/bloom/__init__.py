@@ -1,0 +1,4 @@
+from ptune_search.models.bloom.model import DistributedBloomForCausalLM, DistributedBloomForSequenceClassification
+from ptune_search.models.registry import ModelFamily
+
+FAMILY = ModelFamily(DistributedBloomForSequenceClassification, DistributedBloomForCausalLM)

@@ -1,0 +1,4 @@
+from ptune_search.models.falcon.model import DistributedFalconForCausalLM, DistributedFalconForSequenceClassification
+from ptune_search.models.registry import ModelFamily
+
+FAMILY = ModelFamily(DistributedFalconForSequenceClassification, DistributedFalconForCausalLM)

@@ -1,0 +1,4 @@
+from ptune_search.models.mistral.model import DistributedMistralForCausalLM, DistributedMistralForSequenceClassification
+from ptune_search.models.registry import ModelFamily
+
+FAMILY = ModelFamily(DistributedMistralForSequenceClassification, DistributedMistralForCausalLM)

@@ -1,0 +1,4 @@
+from ptune_search.models.mixtral.model import DistributedMixtralForCausalLM, DistributedMixtralForSequenceClassification
+from ptune_search.models.registry import ModelFamily
+
+FAMILY = ModelFamily(DistributedMixtralForSequenceClassification, DistributedMixtralForCausalLM)

@@ -1,0 +1,4 @@
+from ptune_search.models.qwen2.model import DistributedQwen2ForCausalLM, DistributedQwen2ForSequenceClassification
+from ptune_search.models.registry import ModelFamily
+
+FAMILY = ModelFamily(DistributedQwen2ForSequenceClassification, DistributedQwen2ForCausalLM)

@@ -1,0 +1,4 @@
+from ptune_search.models.qwen3.model import DistributedQwen3ForCausalLM, DistributedQwen3ForSequenceClassification
+from ptune_search.models.registry import ModelFamily
+
+FAMILY = ModelFamily(DistributedQwen3ForSequenceClassification, DistributedQwen3ForCausalLM)
