@@ -190,6 +190,7 @@ def test_with_trusted_servers_a_client_routes_only_to_them(swarm, forger, caplog
             client.run(router.refresh(), timeout=60)
             routed[trusted is None] = [{p.to_base58() for p in router.servers_for(b)} for b in range(NUM_BLOCKS)]
     forger_peer = forger.key.peer_id.to_base58()
-    assert routed[True] == [{server_a, forger_peer}] * 2 + [{server_b, forger_peer}] * 2
-    assert routed[False] == [{server_a}] * 2 + [{server_b}] * 2
+    honest = [{server_a}] * 2 + [{server_b}] * 2
+    assert all(found >= {peer, forger_peer} for found, (peer,) in zip(routed[True], honest)), routed[True]
+    assert routed[False] == honest
     assert any(f"peer {forger_peer} is not in trusted_servers" in r.getMessage() for r in caplog.records)

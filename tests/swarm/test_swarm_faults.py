@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import signal
 import time
 
@@ -93,3 +95,33 @@ def test_forward_reroutes_around_a_dead_replica(start_swarm, remote_classifier):
             if chain.passes.stats["failed_calls"]:
                 break
     assert chain.passes.stats["failed_calls"] == 1  # then banned: never tried again
+
+
+def test_dead_servers_leave_routing_at_once_though_their_records_live_on(start_swarm, remote_classifier, caplog):
+    swarm = start_swarm(3, replicas=3)  # every server holds every block; records live 60 s
+    ban_timeout = 0.2  # a ban ends long before the dead servers' records expire
+    model = remote_classifier(swarm, tuning_mode="ptune", pre_seq_len=2, ban_timeout=ban_timeout)
+    batch = classification_batch(0)
+    chain = model.model.layers
+    caplog.set_level(logging.INFO, logger="ptune_search.swarm.client.routing")
+    with torch.no_grad():
+        expected = model(**batch).logits  # the client has read the records of all three servers
+        stopped, killed = swarm.servers[0].peer_id, swarm.servers[1].peer_id
+        swarm.stop_server(0)
+        with SwarmConnection(swarm.initial_peers) as connection:  # a clean stop leaves offline records at once
+            assert set(records_of(connection, swarm, stopped).values()) == {ServerState.OFFLINE}
+        swarm.kill_server(1, signal.SIGKILL).process.wait(10)
+        deadline = None
+        for _ in range(300):
+            assert torch.allclose(model(**batch).logits, expected, atol=1e-6)
+            events = [m.groups() for r in caplog.records if (m := re.match(r"(banning )?server (\w+)", r.getMessage()))]
+            unreachable = [peer for ban, peer in events if not ban]
+            if deadline is None and killed in unreachable:
+                deadline = time.monotonic() + 16 * ban_timeout  # longer than the longest ban (8x)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+    assert killed in unreachable, "the killed server was never found unreachable"
+    assert set(peer for _, peer in events) <= {stopped, killed}, events
+    for peer in set(unreachable):  # a refused dial is its last failure: the peer is never tried again
+        assert unreachable.count(peer) == 1 and ("banning ", peer) not in events[events.index((None, peer)) :], events
+    assert chain.passes.stats["failed_calls"] == sum(1 for ban, _ in events if ban)

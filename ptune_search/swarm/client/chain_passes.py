@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from ptune_search.swarm.client.client_config import ClientConfig
+from ptune_search.swarm.client.connection import peer_unreachable
 from ptune_search.swarm.client.response_checks import check_outputs
 from ptune_search.swarm.client.routing import BlockRouter, RemoteSpan
 from ptune_search.swarm.protocol import BlockService, ErrorKind, RequestRefused, span_uid
@@ -150,8 +151,8 @@ class ChainPasses:
         return outputs, response
 
     async def _on_failure(self, method: str, span: RemoteSpan, failures: int, error: Exception) -> int:
-        """Ban the server, raise if the retries are spent or the request itself is bad, else back off (and
-        re-read the DHT if every server of the block is banned)."""
+        """Ban the server (drop it from routing if it cannot be dialled), raise if the retries are spent or the
+        request itself is bad, else back off (and re-read the DHT if every server of the block is banned)."""
         if isinstance(error, RequestRefused) and error.kind == ErrorKind.BAD_REQUEST:
             raise RequestRefused(
                 error.kind,
@@ -160,6 +161,8 @@ class ChainPasses:
         self.stats["failed_calls"] += 1
         failures += 1
         self.router.ban(span.peer_id)
+        if peer_unreachable(error):
+            self.router.mark_unreachable(span.peer_id)
         if failures > self.settings.max_retries:
             raise SwarmRequestError(
                 f"no server could run block {self.router.uids[span.start]}: {method} through blocks "

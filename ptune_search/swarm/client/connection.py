@@ -88,6 +88,13 @@ class SwarmConnection:
         self.close()
 
 
+def peer_unreachable(error: BaseException) -> bool:
+    """Whether a call failed because the peer could not be dialled at all (its p2p daemon is gone)."""
+    from hivemind.p2p import P2PDaemonError
+
+    return isinstance(error, P2PDaemonError) and "failed to dial" in str(error)
+
+
 def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, node: "DHTNode") -> None:
     if loop.is_running():
         with contextlib.suppress(Exception):

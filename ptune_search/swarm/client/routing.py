@@ -75,12 +75,13 @@ async def fetch_block_records(
     uids: Sequence[str],
     reported: Optional[set[tuple[str, str]]] = None,
     trusted: Optional[frozenset[str]] = None,
+    expirations: Optional[dict["PeerID", float]] = None,
 ) -> list[dict["PeerID", ServerRecord]]:
     """For each block uid, the latest record of every server that announced it (any state).
 
     Unsigned and malformed records, records whose span does not contain the uid's block and, with ``trusted``
     (base58 peer ids), records of other peers are skipped with a WARNING; with ``reported``, only once per uid
-    and subkey (the set remembers what was reported).
+    and subkey (the set remembers what was reported). ``expirations`` gets each peer's latest record expiry.
     """
     found = await node.get_many(list(uids), sufficient_expiration_time=float("inf"))
     result: list[dict["PeerID", ServerRecord]] = []
@@ -93,12 +94,16 @@ async def fetch_block_records(
             _report(reported, uid, "", f"ignoring the value under {uid}: a {kind}, not a map of server records")
             result.append({})
         else:
-            result.append(_parse_records(uid, entry.value, reported, trusted))
+            result.append(_parse_records(uid, entry.value, reported, trusted, expirations))
     return result
 
 
 def _parse_records(
-    uid: str, value: dict, reported: Optional[set[tuple[str, str]]], trusted: Optional[frozenset[str]]
+    uid: str,
+    value: dict,
+    reported: Optional[set[tuple[str, str]]],
+    trusted: Optional[frozenset[str]],
+    expirations: Optional[dict["PeerID", float]],
 ) -> dict["PeerID", ServerRecord]:
     _, index = parse_block_uid(uid)
     servers: dict["PeerID", ServerRecord] = {}
@@ -114,6 +119,8 @@ def _parse_records(
             _report(reported, uid, repr(subkey)[:80], f"ignoring the record of {repr(subkey)[:80]} under {uid}: {e}")
             continue
         servers[peer] = record
+        if expirations is not None:
+            expirations[peer] = max(expirations.get(peer, -float("inf")), item.expiration_time)
     return servers
 
 
@@ -147,14 +154,22 @@ class BlockRouter:
         self._joining: list[bool] = [False] * num_blocks
         self._updated = -float("inf")
         self._bans: dict["PeerID", tuple[float, int]] = {}  # peer -> (banned until, consecutive failures)
+        self._expirations: dict["PeerID", float] = {}  # peer -> when its latest record expires
+        self._unreachable: dict["PeerID", float] = {}  # peer -> the expiry of its records when it was found dead
         self._reported: set[tuple[str, str]] = set()  # bad records already warned about
         self._refresh_lock = asyncio.Lock()
 
     async def refresh(self) -> None:
         async with self._refresh_lock:
-            records = await fetch_block_records(self.node, self.uids, self._reported, self.trusted)
+            expirations: dict["PeerID", float] = {}
+            records = await fetch_block_records(self.node, self.uids, self._reported, self.trusted, expirations)
+            self._expirations = expirations
+            for peer, dead_expiry in list(self._unreachable.items()):
+                if expirations.get(peer, -float("inf")) > dead_expiry:  # it announced itself since: alive again
+                    del self._unreachable[peer]
             self._online = [
-                {peer: record for peer, record in servers.items() if _usable(record)} for servers in records
+                {peer: record for peer, record in servers.items() if _usable(record) and peer not in self._unreachable}
+                for servers in records
             ]
             self._joining = [any(r.state == ServerState.JOINING for r in servers.values()) for servers in records]
             self._updated = time.monotonic()
@@ -204,6 +219,16 @@ class BlockRouter:
         duration = self.ban_timeout * 2 ** min(failures, 3)
         self._bans[peer_id] = (time.monotonic() + duration, failures + 1)
         logger.info(f"banning server {peer_id} for {duration:.0f}s")
+
+    def mark_unreachable(self, peer_id: "PeerID") -> None:
+        """Route no more to ``peer_id`` (its connection was refused) until it stores records again.
+
+        A server that died leaves records that live on until they expire (the record ttl); this drops it at once.
+        """
+        self._unreachable[peer_id] = self._expirations.get(peer_id, -float("inf"))
+        for servers in self._online:
+            servers.pop(peer_id, None)
+        logger.info(f"server {peer_id} is unreachable: not routed to until it announces itself again")
 
     def on_success(self, peer_id: "PeerID") -> None:
         self._bans.pop(peer_id, None)
