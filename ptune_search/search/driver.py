@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -143,7 +144,7 @@ def _run_search(config: ExperimentConfig, model_path: str, address: Optional[str
         deliver_outbox(sender, config)  # records an interrupted run of this search left behind go first
         try:
             # Trial actors end first (quietly, see TrialActors), then the swarm they use, then Ray.
-            with _ray(address), _swarm(config, model_path) as initial_peers, TrialActors.of_this_driver():
+            with _ray_and_swarm(config, model_path, address) as initial_peers, TrialActors.of_this_driver():
                 settings = _trial_settings(config, model_path, initial_peers)
                 parent_run_id = tracker.start_parent(output_dir.name, flat_settings(config.to_dict()), config_file)
                 callback = MlflowTrialCallback(outbox, parent_run_id, _static_params(config))
@@ -331,6 +332,21 @@ def _ray(address: Optional[str]) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _ray_and_swarm(config: ExperimentConfig, model_path: str, address: Optional[str]) -> Iterator[list[str]]:
+    """Ray and a local swarm start at the same time (each takes seconds, neither needs the other); a swarm
+    of Ray actors starts once Ray is up. Yields the swarm's initial peers."""
+    if config.swarm.mode == "ray":
+        with _ray(address), _swarm(config, model_path) as initial_peers:
+            yield initial_peers
+        return
+    with contextlib.ExitStack() as swarm_exit:  # closed last: after a failed Ray start, once the swarm is up
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarm-start") as pool:
+            starting = pool.submit(swarm_exit.enter_context, _swarm(config, model_path))
+            with _ray(address):
+                yield starting.result()
 
 
 @contextlib.contextmanager

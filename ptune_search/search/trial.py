@@ -68,6 +68,7 @@ class PromptTuningTrial(tune.Trainable):
     """Tune config: ``tuning_mode``, ``pre_seq_len``, ``lr``; ``settings`` comes via ``tune.with_parameters``."""
 
     def setup(self, config: dict[str, Any], settings: TrialSettings) -> None:
+        self.setup_started = time.time()
         torch.set_num_threads(max(1, int(self.trial_resources.required_resources.get("CPU", 1))))
         torch.manual_seed(settings.seed)
         self.settings = settings
@@ -87,6 +88,7 @@ class PromptTuningTrial(tune.Trainable):
         self.steps_done = 0
         self.latest_result: dict[str, Any] = {}
         self.batches = self.task.train_batches(settings.batch_size, settings.seed)
+        self.setup_s = time.time() - self.setup_started
 
     def step(self) -> dict[str, Any]:
         settings = self.settings
@@ -100,7 +102,9 @@ class PromptTuningTrial(tune.Trainable):
             tokens += result.tokens
         train_seconds = time.perf_counter() - started
         self.steps_done += window
+        started = time.perf_counter()
         evaluation = evaluate(self.model, self.task.validation, settings.batch_size)
+        eval_seconds = time.perf_counter() - started
         finished = self.steps_done >= settings.max_steps
         self.latest_result = {
             "step": self.steps_done,
@@ -109,6 +113,13 @@ class PromptTuningTrial(tune.Trainable):
             "val_loss": evaluation.loss,
             "val_accuracy": evaluation.accuracy,
             "tokens_per_s": tokens / train_seconds,
+            "train_tokens": tokens,
+            # where a trial's time goes (benchmarks/search_efficiency.py): its actor's setup, then per result
+            "setup_s": self.setup_s,
+            "setup_started": self.setup_started,
+            "train_s": train_seconds,
+            "eval_s": eval_seconds,
+            "reported_at": time.time(),
             "finished": finished,
             "done": finished,
         }
