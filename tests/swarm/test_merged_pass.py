@@ -31,7 +31,7 @@ def request(seed: int, batch: int, length: int, pre_seq_len: int, shared: bool, 
     if pre_seq_len:
         prompts = torch.randn(1 if shared else batch, pre_seq_len * (END - START), 64, generator=generator)
     grad_outputs = torch.randn(batch, length, 64, generator=generator)
-    return SpanRequest(START, END, hidden, mask, prompts, grad_outputs, f"r{seed}", True)
+    return SpanRequest(START, END, hidden, mask, prompts, grad_outputs, f"r{seed}", True, torch.float32)
 
 
 @pytest.fixture(scope="module")

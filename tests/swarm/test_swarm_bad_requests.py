@@ -94,7 +94,7 @@ BAD_REQUESTS: dict[str, tuple[Callable, ErrorKind, str]] = {
     "wrong dtype": (
         lambda s: send(s, "forward", SPAN, [hidden(dtype=torch.float64), mask()], meta()),
         ErrorKind.BAD_REQUEST,
-        "must be float32 (the server's dtype), got float64",
+        "must be float32 (the server's dtype) or one of the 16-bit wire dtypes ['bfloat16', 'float16'], got float64",
     ),
     "NaN": (lambda s: send(s, "forward", SPAN, [nan_hidden(), mask()], meta()), ErrorKind.BAD_REQUEST, "NaN"),
     "too many tokens": (
@@ -140,7 +140,7 @@ BAD_REQUESTS: dict[str, tuple[Callable, ErrorKind, str]] = {
     "grad of the wrong shape": (
         lambda s: send(s, "backward", SPAN, [hidden(), mask(), hidden(length=4)], meta()),
         ErrorKind.BAD_REQUEST,
-        "grad_outputs must have the shape of hidden [2, 5, 64], got [2, 4, 64]",
+        "grad_outputs must have the shape and dtype of hidden [2, 5, 64] float32, got [2, 4, 64] float32",
     ),
     "garbage metadata": (
         lambda s: send_raw(

@@ -29,7 +29,7 @@ from ptune_search.swarm.client.connection import peer_unreachable
 from ptune_search.swarm.client.response_checks import check_outputs
 from ptune_search.swarm.client.routing import BlockRouter, RemoteSpan
 from ptune_search.swarm.protocol import BlockService, ErrorKind, RequestRefused, span_uid
-from ptune_search.swarm.wire import WIRE_DTYPES, call_server
+from ptune_search.swarm.wire import HALF_WIRE_DTYPES, WIRE_DTYPES, call_server
 
 if TYPE_CHECKING:
     from hivemind.p2p import P2P
@@ -125,9 +125,13 @@ class ChainPasses:
         request_id: str,
         keep: bool = False,
     ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        """One RPC to ``span``'s server; hidden-size tensors travel in the server's dtype and come back in ours."""
+        """One RPC to ``span``'s server; hidden-size tensors travel in the server's dtype (or the 16-bit
+        ``wire_dtype``) and come back in ours."""
         dtype = tensors[0].dtype
-        wire_dtype = WIRE_DTYPES.get(span.record.dtype, dtype)
+        if self.settings.wire_dtype is not None:
+            wire_dtype = HALF_WIRE_DTYPES[self.settings.wire_dtype]
+        else:
+            wire_dtype = WIRE_DTYPES.get(span.record.dtype, dtype)
         tensors = [t.to(wire_dtype) if t.is_floating_point() else t for t in tensors]
         pre_seq_len = self._pre_seq_len(prompts)
         metadata: dict[str, Any] = {"request_id": request_id, "pre_seq_len": pre_seq_len}

@@ -26,6 +26,7 @@ from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.client.routing import BlockRouter
 from ptune_search.swarm.protocol import model_prefix
+from ptune_search.swarm.wire import HALF_WIRE_DTYPES
 
 
 class RemoteBlockChain(nn.Module):
@@ -43,6 +44,11 @@ class RemoteBlockChain(nn.Module):
         ``config`` is a model's ``Distributed<Family>Config``: a :class:`ClientConfig` that also names the
         checkpoint (for the DHT prefix) and its ``num_hidden_layers``.
         """
+        if config.wire_dtype is not None and config.wire_dtype not in HALF_WIRE_DTYPES:
+            raise ValueError(
+                f"wire_dtype must be None (the servers' dtype) or one of {sorted(HALF_WIRE_DTYPES)}, "
+                f"got {config.wire_dtype!r}"
+            )
         peers = list(initial_peers or config.initial_peers or [])
         connection = SwarmConnection(peers)
         return cls(connection, model_prefix(config), config.num_hidden_layers, config)

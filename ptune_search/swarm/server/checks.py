@@ -26,7 +26,7 @@ from ptune_search.swarm.protocol import (
     parse_span_uid,
     unpack_metadata,
 )
-from ptune_search.swarm.wire import deserialize_tensor, dtype_name
+from ptune_search.swarm.wire import HALF_WIRE_DTYPES, deserialize_tensor, dtype_name
 
 MAX_REQUEST_ID = 128
 MASK_DTYPES = (torch.int64, torch.int32, torch.int8, torch.uint8)
@@ -54,6 +54,7 @@ class SpanRequest:
     grad_outputs: Optional[torch.Tensor]
     request_id: str
     keep_activations: bool
+    wire_dtype: torch.dtype  # hidden-size tensors came in it and go back in it (the server's or a 16-bit one)
 
     @property
     def num_tokens(self) -> int:
@@ -107,6 +108,7 @@ def parse_span_request(
     prompts = tensors[base] if has_prompts else None
 
     _check_hidden("hidden states", hidden, served)
+    wire_dtype = hidden.dtype
     batch, length, _ = hidden.shape
     if batch * length > served.limits.max_tokens:
         raise bad_request(
@@ -116,16 +118,19 @@ def parse_span_request(
     _check_mask(mask, batch, length)
     if grad_outputs is not None:
         _check_hidden("grad_outputs", grad_outputs, served)
-        if grad_outputs.shape != hidden.shape:
+        if grad_outputs.shape != hidden.shape or grad_outputs.dtype != wire_dtype:
             raise bad_request(
-                f"grad_outputs must have the shape of hidden {list(hidden.shape)}, got {list(grad_outputs.shape)}"
+                f"grad_outputs must have the shape and dtype of hidden {list(hidden.shape)} {dtype_name(wire_dtype)}, "
+                f"got {list(grad_outputs.shape)} {dtype_name(grad_outputs.dtype)}"
             )
     if prompts is not None:
         _check_prompts(prompts, pre_seq_len, batch, length, end - start, served)
     for name, tensor in (("hidden states", hidden), ("grad_outputs", grad_outputs), ("deep prompts", prompts)):
         if tensor is not None and not bool(torch.isfinite(tensor).all()):
             raise bad_request(f"{name} contain NaN or infinite values")
-    return SpanRequest(start, end, hidden, mask, prompts, grad_outputs, request_id, keep)
+    hidden = hidden.to(served.dtype)
+    grad_outputs = None if grad_outputs is None else grad_outputs.to(served.dtype)
+    return SpanRequest(start, end, hidden, mask, prompts, grad_outputs, request_id, keep, wire_dtype)
 
 
 def _check_blocks(uid: str, served: ServedSpan) -> tuple[int, int]:
@@ -145,9 +150,10 @@ def _check_blocks(uid: str, served: ServedSpan) -> tuple[int, int]:
 def _check_hidden(name: str, tensor: torch.Tensor, served: ServedSpan) -> None:
     if tensor.ndim != 3:
         raise bad_request(f"{name} must be [batch, length, hidden] (got {tensor.ndim} dimensions)")
-    if tensor.dtype != served.dtype:
+    if tensor.dtype != served.dtype and dtype_name(tensor.dtype) not in HALF_WIRE_DTYPES:
         raise bad_request(
-            f"{name} must be {dtype_name(served.dtype)} (the server's dtype), got {dtype_name(tensor.dtype)}"
+            f"{name} must be {dtype_name(served.dtype)} (the server's dtype) or one of the 16-bit wire dtypes "
+            f"{sorted(HALF_WIRE_DTYPES)}, got {dtype_name(tensor.dtype)}"
         )
     if tensor.shape[2] != served.hidden_size:
         raise bad_request(f"{name} must have hidden size {served.hidden_size} (got {tensor.shape[2]})")

@@ -169,6 +169,7 @@ class BlockRPCHandlers:
         )
         try:
             outputs, response = await self.queue.run_mergeable(client, work)
+            outputs[0] = outputs[0].to(request.wire_dtype)  # hidden states, or their grads, as they came
         except QueueFull as e:
             raise RequestRefused(ErrorKind.BUSY, str(e)) from None
         except RequestRefused:
