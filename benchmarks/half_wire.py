@@ -40,6 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from ptune_search.pretrained import resolve_model
     from ptune_search.search.training import evaluate, train_step, trainable_parameters
     from ptune_search.search.trial import build_classifier
+    from ptune_search.swarm.client.client_config import ClientConfig
     from ptune_search.swarm.launcher import LocalSwarm
 
     path = str(resolve_model(args.model))
@@ -49,14 +50,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         runs = {}
         for wire in WIRE_DTYPES:
             torch.manual_seed(0)  # the same initial prompts and head for every wire dtype
-            model = build_classifier(
-                path,
-                task.num_labels,
-                tokenizer.pad_token_id,
-                PTuneConfig(16, "ptune"),
-                swarm.initial_peers,
-                {"request_timeout": 300.0, "wire_dtype": wire},
-            )
+            client = ClientConfig(initial_peers=swarm.initial_peers, request_timeout=300.0, wire_dtype=wire)
+            model = build_classifier(path, task.num_labels, tokenizer.pad_token_id, PTuneConfig(16, "ptune"), client)
             optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.lr)
             runs[wire] = (model, optimizer, task.train_batches(8, 0), [], [])
         for _ in range(args.steps):
