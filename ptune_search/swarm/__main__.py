@@ -41,6 +41,9 @@ def add_swarm_arguments(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--receive-timeout", type=float, help="seconds a streamed request may take to arrive (60)")
     serve.add_argument("--cache-bytes", type=int, help="memory for forward graphs kept for backward")
     serve.add_argument(
+        "--cache-max-age", type=float, help="seconds a forward graph waits for its backward before it is freed (600)"
+    )
+    serve.add_argument(
         "--merge-max-tokens",
         type=int,
         help="largest batch (rows x length) of concurrent clients' requests run as one; 0: never merge (8192)",
@@ -99,6 +102,7 @@ def run_swarm_command(args: argparse.Namespace) -> None:
             max_payload_bytes=args.max_payload_bytes,
             receive_timeout=args.receive_timeout,
             cache_bytes=args.cache_bytes,
+            cache_max_age=args.cache_max_age,
             merge_max_tokens=args.merge_max_tokens,
             merge_wait=args.merge_wait,
             host=args.host,

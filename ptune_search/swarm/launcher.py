@@ -111,6 +111,7 @@ def run_block_server(
     max_payload_bytes: Optional[int] = None,
     receive_timeout: Optional[float] = None,
     cache_bytes: Optional[int] = None,
+    cache_max_age: Optional[float] = None,
     merge_max_tokens: Optional[int] = None,
     merge_wait: Optional[float] = None,
     host: str = "127.0.0.1",
@@ -155,6 +156,8 @@ def run_block_server(
     )
     if cache_bytes is not None:
         settings.cache_bytes = cache_bytes
+    if cache_max_age is not None:
+        settings.cache_max_age = cache_max_age
     if merge_max_tokens is not None:
         settings.merge = dataclasses.replace(settings.merge, max_tokens=merge_max_tokens)
     if merge_wait is not None:

@@ -6,13 +6,15 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from ptune_search.models.llama.model import DistributedLlamaConfig, LlamaBlockSpan
+from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.client.remote_chain import RemoteBlockChain
 from ptune_search.swarm.launcher import LocalSwarm
+from ptune_search.swarm.protocol import BlockService, unpack_metadata
 
 NUM_BLOCKS = 6
 HIDDEN = 64
@@ -82,6 +84,18 @@ def swarm_config(model: Path, swarm: Optional[LocalSwarm], **overrides) -> Distr
     initial_peers = swarm.initial_peers if swarm is not None else None
     settings = {"initial_peers": initial_peers, **overrides}
     return DistributedLlamaConfig.from_dict(AutoConfig.from_pretrained(model).to_dict(), **settings)
+
+
+def server_info(connection: SwarmConnection, peer_id: str) -> dict[str, Any]:
+    """What the server ``peer_id`` says about itself (its info RPC: queue, compute, cache ...)."""
+    from hivemind.p2p import PeerID
+    from hivemind.proto import runtime_pb2
+
+    async def ask() -> dict[str, Any]:
+        stub = BlockService.get_stub(connection.p2p, PeerID.from_base58(peer_id))
+        return unpack_metadata((await stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=30)).metadata)
+
+    return connection.run(ask(), timeout=60)
 
 
 def copy_trainable(source: torch.nn.Module, target: torch.nn.Module) -> None:

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
-from swarm_testing import HIDDEN, NUM_BLOCKS, chain_vs_local_blocks, classification_batch, copy_trainable, swarm_config
+from swarm_testing import (
+    HIDDEN,
+    NUM_BLOCKS,
+    chain_vs_local_blocks,
+    classification_batch,
+    copy_trainable,
+    server_info,
+    swarm_config,
+)
 
 from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification, LlamaBlockSpan
 from ptune_search.swarm.client.remote_chain import RemoteBlockChain
@@ -39,11 +49,16 @@ def test_training_step_through_swarm_equals_local_blocks(request, swarm_model, r
     remote = remote_classifier(swarm, **settings)
     copy_trainable(local, remote)
     batch = classification_batch(seed=servers)
+    connection = remote.model.layers.connection
+    hits_before = [server_info(connection, server.peer_id)["cache"]["hits"] for server in swarm.servers]
 
     local_loss, local_logits, local_grads = run_step(local, batch, seed=0)
     remote_loss, remote_logits, remote_grads = run_step(remote, batch, seed=0)
 
     assert len(remote.model.layers.last_route) == servers
+    hits = [server_info(connection, server.peer_id)["cache"]["hits"] for server in swarm.servers]
+    assert all(after > before for after, before in zip(hits, hits_before)), (hits_before, hits)  # kept graphs used
+    assert remote.model.layers.passes.stats["server_recomputes"] == 0
     assert max_diff(remote_logits, local_logits) <= TOLERANCE
     assert max_diff(remote_loss, local_loss) <= TOLERANCE
     for name, grad in local_grads.items():
@@ -94,3 +109,21 @@ def test_bfloat16_server_equals_local_bfloat16_blocks_for_a_float32_client(swarm
             assert max_diff(ours, reference) <= 1e-2 * reference.abs().max().item()
     finally:
         chain.close()
+
+
+def test_a_step_abandoned_after_its_forward_frees_its_graph_within_the_expiry(start_swarm, remote_classifier):
+    max_age = 3.0
+    swarm = start_swarm(1, server_args=["--cache-max-age", str(max_age)])
+    model = remote_classifier(swarm, tuning_mode="deep_ptune", pre_seq_len=2)
+    connection, peer_id = model.model.layers.connection, swarm.servers[0].peer_id
+    model(**classification_batch(0))  # a training forward: the server keeps its graph for the backward
+    forwarded = time.monotonic()
+    kept = server_info(connection, peer_id)["cache"]
+    assert kept["entries"] == 1 and kept["bytes"] > 0, kept
+    while (cache := server_info(connection, peer_id)["cache"])["entries"]:  # no request comes in meanwhile
+        assert time.monotonic() - forwarded < 10 * max_age, f"the abandoned graph is still kept: {cache}"
+        time.sleep(0.2)
+    freed_after = time.monotonic() - forwarded
+    assert cache["bytes"] == 0 and cache["evictions"] == 1, cache
+    print(f"abandoned graph freed after {freed_after:.1f} s (max age {max_age} s, checked every {max_age / 4} s)")
+    assert max_age <= freed_after <= 2 * max_age  # checked every max_age / 4: at most 1.25 max_age plus polling

@@ -43,6 +43,16 @@ class ActivationCache:
     def nbytes(self) -> int:
         return self._bytes
 
+    @property
+    def expiry_period(self) -> float:
+        """How often :meth:`expire` should run: entries then live at most 1.25 ``max_age``."""
+        return self.max_age / 4
+
+    def expire(self) -> None:
+        """Drop the entries older than ``max_age``."""
+        with self._lock:
+            self._expire()
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -113,6 +113,7 @@ class BlockServer:
             merge_limits=settings.merge,
         )
         record = ServerRecord(ServerState.JOINING, self.start, self.end, dtype=dtype_name(settings.dtype))
+        expiry: Optional[asyncio.Task] = None
         try:
             await announcer.announce(record)
             announcer.start()
@@ -121,6 +122,7 @@ class BlockServer:
             throughput = await loop.run_in_executor(None, measure_throughput, span, settings.dtype)
             queue.start()
             handlers = self._handlers(span, queue, throughput)
+            expiry = asyncio.create_task(_expire_forever(handlers.cache))
             await BlockService().add_p2p_handlers(node.p2p, wrapper=handlers)
             await announcer.announce(dataclasses.replace(record, state=ServerState.ONLINE, throughput=throughput))
             logger.info(f"serving {self.uids[0]}..{self.uids[-1]} as peer {self.peer_id}")
@@ -128,6 +130,8 @@ class BlockServer:
                 on_online(self)
             await stop.wait()
         finally:
+            if expiry is not None:
+                expiry.cancel()
             await announcer.stop(announce_offline=True)
             queue.close()
             if cores is not None:
@@ -182,6 +186,13 @@ class BlockServer:
         }
         cache = ActivationCache(settings.cache_bytes, settings.cache_max_age)
         return BlockRPCHandlers(span, served, queue, cache, info)
+
+
+async def _expire_forever(cache: ActivationCache) -> None:
+    """Free the graphs of forwards whose backward never came, whether or not other requests arrive."""
+    while True:
+        await asyncio.sleep(cache.expiry_period)
+        cache.expire()
 
 
 def measure_throughput(span: DecoderBlockSpan, dtype: torch.dtype, tokens: int = 128) -> float:

@@ -68,6 +68,7 @@ class BlockRPCHandlers:
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         cache = {
             "bytes": self.cache.nbytes,
+            "entries": len(self.cache),
             "hits": self.cache.hits,
             "misses": self.cache.misses,
             "evictions": self.cache.evictions,
