@@ -9,6 +9,8 @@ states, either the family's :class:`~ptune_search.models.decoder_span.DecoderBlo
 
 Example::
 
+    from ptune_search.models import DistributedLlamaForSequenceClassification
+
     model = DistributedLlamaForSequenceClassification.from_pretrained(
         path, num_labels=5, tuning_mode="deep_ptune", pre_seq_len=16, local_blocks=True
     )
@@ -242,6 +244,7 @@ def distributed_config(
     if unused:
         raise TypeError(f"unknown settings {sorted(unused)}: not fields of {config_class.__name__}")
     validate_ptune_settings(resolved.tuning_mode, resolved.pre_seq_len)
+    resolved._name_or_path = resolved._name_or_path or str(path)  # a config class's own from_pretrained drops it
     return resolved
 
 

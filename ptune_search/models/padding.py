@@ -20,8 +20,11 @@ class RightPadding:
 
     Example::
 
+        attention_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])  # the first row padded left
+        embeds = torch.randn(2, 4, 8)
         layout = RightPadding.of(attention_mask)
-        hidden = layout.restore(blocks(layout.apply(embeds), layout.mask))
+        outputs = layout.apply(embeds)  # the blocks run here, on the rows' tokens first, with layout.mask
+        hidden = layout.restore(outputs)  # back where the caller's tokens were: equal to embeds here
     """
 
     mask: torch.Tensor  # [B, T], the tokens of each row first

@@ -7,8 +7,10 @@ folders are imported only when asked for, so checking a model type costs no mode
 
 Example::
 
-    family = family_of("llama")
-    span = family.span_class.from_checkpoint(path, config, 0, 4)
+    from transformers import AutoConfig
+
+    family = family_of("llama")  # the key is the checkpoint's config.model_type
+    span = family.span_class.from_checkpoint(path, AutoConfig.from_pretrained(path), 0, 4)  # blocks 0..3
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class AutoDistributedModelForSequenceClassification:
     Example::
 
         model = AutoDistributedModelForSequenceClassification.from_pretrained(
-            path, num_labels=5, tuning_mode="ptune", pre_seq_len=8, initial_peers=peers
+            path, num_labels=5, tuning_mode="ptune", pre_seq_len=8, initial_peers=initial_peers
         )
     """
 

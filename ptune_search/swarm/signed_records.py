@@ -10,10 +10,14 @@ of the swarm runs it: servers and bootstrap peers refuse to store such records, 
 
 Example::
 
+    from hivemind.dht.node import DHTNode
+    from hivemind.utils import get_dht_time
+
     key = PeerKey.load_or_create(Path("server.id"))        # or PeerKey() for a new identity
-    node = await DHTNode.create(record_validator=SwarmRecordValidator(key), identity_path="server.id", ...)
-    await node.store("m.0", record, expiration, subkey=key.subkey)
-    owner_peer_id(key.subkey) == key.peer_id               # what clients check
+    node = await DHTNode.create(record_validator=SwarmRecordValidator(key), identity_path="server.id")
+    await node.store("m.0", b"record", get_dht_time() + 60, subkey=key.subkey)  # signed with the key
+    assert owner_peer_id(key.subkey) == key.peer_id        # what clients check
+    await node.shutdown()
 """
 
 from __future__ import annotations

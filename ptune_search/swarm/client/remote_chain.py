@@ -8,9 +8,13 @@ and the deep prompts. Deep prompts expanded over the batch (``get_prompt``) trav
 
 Example::
 
-    config = DistributedLlamaConfig.from_pretrained(path, initial_peers=open("peers.txt").read().split())
+    from ptune_search.models import DistributedLlamaConfig
+    from ptune_search.models.distributed import distributed_config
+
+    config = distributed_config(DistributedLlamaConfig, path, None, {"initial_peers": initial_peers})
     chain = RemoteBlockChain.connect(config)
-    hidden = chain(hidden, attention_mask, None)
+    hidden = torch.randn(2, 5, config.hidden_size)  # [batch, length, hidden], the input of block 0
+    hidden = chain(hidden, torch.ones(2, 5), None)  # attention mask [batch, length], no deep prompts
     chain.close()
 """
 

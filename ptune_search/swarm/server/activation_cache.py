@@ -8,8 +8,13 @@ lost when a client re-routes, is recomputed from the inputs that every backward 
 
 Example::
 
+    import torch
+
+    from ptune_search.swarm.server.merged_pass import MemberForward, MergedForward
+
+    merged = MergedForward(inputs=[], prompts=[], outputs=torch.zeros(0), row_starts=[0], nbytes=0)  # a pass
     cache = ActivationCache(max_bytes=2**30, max_age=300)
-    cache.put(("peer", "req-1"), entry)  # a KeptForward, e.g. merged_pass.MemberForward
+    cache.put(("peer", "req-1"), MemberForward(merged, member=0, nbytes=2**20))  # any KeptForward
     ...
     entry = cache.pop(("peer", "req-1"))  # None if evicted: recompute
 """

@@ -7,8 +7,9 @@ thread through a :class:`FairQueue`; servers on one machine share its cores thro
 
 Example::
 
-    server = BlockServer("/models/SmolLM2-135M", 0, 15, initial_peers=["/ip4/127.0.0.1/tcp/4321/p2p/Qm..."])
-    asyncio.run(server.run(stop_event))   # returns after stop_event is set
+    server = BlockServer(path, 0, 2, initial_peers=initial_peers)  # blocks 0 and 1 of a checkpoint folder
+    stop = asyncio.Event()
+    await server.run(stop, on_online=lambda server: stop.set())  # serves until stop is set (here: once online)
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Example::
 
     queue = FairQueue(max_pending=100)
     queue.start()
-    result = await queue.run("client-a", lambda: heavy_torch_work())
+    result = await queue.run("client-a", lambda: sum(range(10**6)))  # runs on the compute thread
     queue.close()
 """
 

@@ -16,9 +16,16 @@ recomputed from the inputs it carries, merged with the other lost ones.
 
 Example::
 
-    merged = MergedForward.run(span_fn, [request_a, request_b], grad=True)
-    out_a, out_b = merged.output(0), merged.output(1)
-    (grad_hidden_b, grad_prompts_b), = merged.backward([1], [grad_outputs_b])
+    def span_fn(hidden, attention_mask, deep_prompts):  # the span's blocks; a toy one here
+        return hidden * 2
+
+    def request(batch, length):
+        hidden, mask = torch.randn(batch, length, 8), torch.ones(batch, length)
+        return SpanRequest(0, 1, hidden, mask, None, None, request_id="r", keep_activations=True)
+
+    merged = MergedForward.run(span_fn, [request(2, 5), request(1, 3)], num_blocks=1, grad=True)
+    out_a, out_b = merged.output(0), merged.output(1)  # [2, 5, 8] and [1, 3, 8]
+    [(grad_hidden_b, grad_prompts_b)] = merged.backward([1], [torch.ones_like(out_b)])  # b's own grads
 """
 
 from __future__ import annotations
