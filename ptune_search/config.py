@@ -123,6 +123,17 @@ class SwarmConfig(_Section):
     # trial fails, to be retried from its checkpoint (budget.max_failures times).
     request_timeout: Annotated[float, Field(gt=0)] = ClientConfig.request_timeout
     block_wait_timeout: Annotated[float, Field(gt=0)] = ClientConfig.block_wait_timeout
+    # External swarms only: peer ids of the only servers trials use (servers keep theirs with --identity-file).
+    trusted_servers: Optional[list[StrictStr]] = ClientConfig.trusted_servers
+
+    @field_validator("trusted_servers")
+    @classmethod
+    def _peer_ids(cls, peers: Optional[list[str]]) -> Optional[list[str]]:
+        for index, peer in enumerate(peers or []):
+            problem = _peer_id_problem(peer)
+            if problem is not None:
+                raise _Problem((index,), f"{_show(peer)} is not allowed: must be a peer id like Qm... ({problem})")
+        return peers
 
     @field_validator("initial_peers")
     @classmethod
@@ -150,6 +161,12 @@ class SwarmConfig(_Section):
             raise _Problem(
                 ("initial_peers",),
                 "[] is not allowed: {section}mode 'external' needs at least one peer multiaddr to join",
+            )
+        if self.mode in ("local", "ray") and self.trusted_servers is not None:
+            raise _Problem(
+                ("trusted_servers",),
+                f"{_show(self.trusted_servers)} is not allowed when {{section}}mode is '{self.mode}': the search "
+                "starts its own servers, with new peer ids; set {section}mode to 'external' to trust given servers",
             )
         if self.mode in ("local", "ray") and self.initial_peers:
             raise _Problem(
@@ -432,6 +449,18 @@ def _multiaddr_problem(peer: str) -> Optional[str]:
         return "no /p2p/<peer id> part"
     if not protocols & {"ip4", "ip6", "dns", "dns4", "dns6"} or not protocols & {"tcp", "udp"}:
         return "no host and port to dial"
+    return None
+
+
+def _peer_id_problem(peer: str) -> Optional[str]:
+    """Why ``peer`` is not a base58 libp2p peer id (a multihash), or None."""
+    import base58
+    import multihash
+
+    try:
+        multihash.decode(base58.b58decode(peer))
+    except (ValueError, TypeError) as error:
+        return " ".join(str(error).split())[:_MAX_SHOWN] or type(error).__name__
     return None
 
 

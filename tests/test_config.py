@@ -214,6 +214,21 @@ def test_external_swarm_with_a_peer() -> None:
     assert tiny_with("swarm.mode=external", f"swarm.initial_peers=[{peer}]").swarm.initial_peers == [peer]
 
 
+def test_external_swarm_with_trusted_servers() -> None:
+    peer = "/ip4/10.0.0.5/tcp/31337/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
+    trusted = "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
+    config = tiny_with("swarm.mode=external", f"swarm.initial_peers=[{peer}]", f"swarm.trusted_servers=[{trusted}]")
+    assert config.swarm.trusted_servers == [trusted]
+
+
+def test_trusted_servers_must_be_peer_ids_of_an_external_swarm() -> None:
+    peer = "/ip4/10.0.0.5/tcp/31337/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
+    message = error_of("swarm.mode=external", f"swarm.initial_peers=[{peer}]", "swarm.trusted_servers=[server-a]")
+    assert message.startswith('swarm.trusted_servers[0]: "server-a" is not allowed: must be a peer id like Qm...')
+    message = error_of("swarm.trusted_servers=[QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN]")
+    assert message.startswith("swarm.trusted_servers: [") and "when swarm.mode is 'local'" in message
+
+
 def test_local_swarm_with_peers() -> None:
     message = error_of(
         "swarm.initial_peers=[/ip4/10.0.0.5/tcp/31337/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN]"

@@ -206,6 +206,7 @@ def _trial_settings(config: ExperimentConfig, model_path: str, initial_peers: li
             initial_peers=initial_peers,
             request_timeout=swarm.request_timeout,
             block_wait_timeout=swarm.block_wait_timeout,
+            trusted_servers=swarm.trusted_servers,
         ),
     )
 

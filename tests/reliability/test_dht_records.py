@@ -186,7 +186,7 @@ def test_with_trusted_servers_a_client_routes_only_to_them(swarm, forger, caplog
     with SwarmConnection(swarm.initial_peers) as client:
         routed = {}
         for trusted in (None, [server_a, server_b]):
-            router = BlockRouter(client.node, PREFIX, NUM_BLOCKS, ClientConfig(), trusted_servers=trusted)
+            router = BlockRouter(client.node, PREFIX, NUM_BLOCKS, ClientConfig(trusted_servers=trusted))
             client.run(router.refresh(), timeout=60)
             routed[trusted is None] = [{p.to_base58() for p in router.servers_for(b)} for b in range(NUM_BLOCKS)]
     forger_peer = forger.key.peer_id.to_base58()

@@ -141,12 +141,11 @@ class BlockRouter:
         prefix: str,
         num_blocks: int,
         settings: ClientConfig,
-        *,
-        trusted_servers: Optional[Sequence[str]] = None,
     ):
-        """``trusted_servers``: base58 peer ids; when given, only these servers are used (a private swarm)."""
+        """With ``settings.trusted_servers`` (base58 peer ids), only these servers are used (a private swarm)."""
         self.node, self.prefix, self.num_blocks = node, prefix, num_blocks
-        self.trusted = frozenset(trusted_servers) if trusted_servers is not None else None
+        trusted = settings.trusted_servers
+        self.trusted = frozenset(trusted) if trusted is not None else None
         self.uids = [block_uid(prefix, index) for index in range(num_blocks)]
         self.update_period = settings.route_update_period
         self.ban_timeout, self.block_wait_timeout = settings.ban_timeout, settings.block_wait_timeout
