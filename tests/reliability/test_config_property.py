@@ -187,6 +187,8 @@ def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
     swarm["replicas"] = draw(st.integers(1, 4))
     swarm["servers"] = swarm["replicas"] * draw(st.integers(1, 4))
     swarm["initial_peers"] = draw(st.lists(multiaddrs(), min_size=1, max_size=3)) if swarm["mode"] == "external" else []
+    external = swarm["mode"] == "external"
+    swarm["trusted_servers"] = draw(st.one_of(st.none(), st.lists(peer_ids(), max_size=2))) if external else None
     space = config["search_space"]
     modes = draw(st.permutations(TUNING_MODES))
     space["tuning_modes"] = list(modes[: draw(st.integers(1, len(modes)))])
@@ -338,7 +340,12 @@ def inconsistent_pair(draw: st.DrawFn, config: dict) -> Mistake:
         space["tuning_modes"].append(draw(st.sampled_from(space["tuning_modes"])))
         return Mistake(config, f"search_space.tuning_modes[{len(space['tuning_modes']) - 1}]", single=True)
     if rule == "servers":
-        swarm.update(mode=draw(st.sampled_from(["local", "ray"])), initial_peers=[], replicas=draw(st.integers(2, 5)))
+        swarm.update(
+            mode=draw(st.sampled_from(["local", "ray"])),
+            trusted_servers=None,
+            initial_peers=[],
+            replicas=draw(st.integers(2, 5)),
+        )
         swarm["servers"] = swarm["replicas"] * draw(st.integers(0, 3)) + draw(st.integers(1, swarm["replicas"] - 1))
         return Mistake(config, "swarm.servers", single=True)
     if rule == "columns":
@@ -350,7 +357,7 @@ def inconsistent_pair(draw: st.DrawFn, config: dict) -> Mistake:
             del swarm["initial_peers"]
         return Mistake(config, "swarm.initial_peers", single=True)
     peers = draw(st.lists(multiaddrs(), min_size=1, max_size=2))  # given, while the search starts its own swarm
-    swarm.update(mode=draw(st.sampled_from(["local", "ray"])), initial_peers=peers)
+    swarm.update(mode=draw(st.sampled_from(["local", "ray"])), trusted_servers=None, initial_peers=peers)
     swarm["servers"] = swarm["replicas"]
     return Mistake(config, "swarm.initial_peers", single=True)
 
