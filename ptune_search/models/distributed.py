@@ -53,18 +53,20 @@ class LoadableFromCheckpoint:
         """``settings`` are fields of the family's config (``tuning_mode="ptune"``, ``request_timeout=10.0``,
         ``initial_peers=[...]``, ``num_labels=5``...), applied over ``config`` or the checkpoint's own.
 
-        ``prompt``: a folder written by ``ptune-search export``. Its tuning mode, prompt length and labels are
-        set on the config, and its tensors loaded; a checkpoint other than the one it was tuned with, or a
-        setting that contradicts it, is refused before any block is loaded or any swarm is joined.
+        ``prompt``: a folder written by ``ptune-search export``, or a PEFT prompt-tuning adapter (then the
+        checkpoint is checked by hidden size only: PEFT records no fingerprint). Its tuning mode, prompt length
+        and labels are set on the config, and its tensors loaded; a checkpoint other than the one it was tuned
+        with, or a setting that contradicts it, is refused before any block is loaded or any swarm is joined.
         """
         if prompt is None:
             return _load(cls, path, config, local_blocks, dtype, settings)
+        from ptune_search.prompts.peft_adapter import PeftPromptAdapter, is_peft_adapter
         from ptune_search.prompts.prompt_folder import ExportedPrompt
 
-        exported = ExportedPrompt.read(prompt)
+        exported = PeftPromptAdapter.read(prompt) if is_peft_adapter(prompt) else ExportedPrompt.read(prompt)
         exported.check_settings(settings)
         exported.check_checkpoint(path)
-        model = _load(cls, path, config, local_blocks, dtype, {**exported.manifest.config_settings(), **settings})
+        model = _load(cls, path, config, local_blocks, dtype, {**exported.config_settings(), **settings})
         exported.load_into(model, checkpoint_checked=True)
         return model
 

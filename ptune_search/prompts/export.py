@@ -69,20 +69,53 @@ def export_prompt(
     overwrite: bool = False,
 ) -> ExportResult:
     """Export the best trial of the latest search in ``experiment`` (or the run ``run_id``) to ``out``."""
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min' (got {mode!r})")
-    if experiment is None and run_id is None:
-        raise ValueError("name the search's experiment (--experiment NAME) or a trial run (--run-id ID)")
+    run = best_or_named_run(tracking_uri, experiment, run_id, metric, mode)
     client = _client(tracking_uri)
-    run = _named_run(client, run_id, experiment) if run_id else best_trial_run(client, experiment, metric, mode)
     out = Path(out).absolute()
     with _staged_folder(out, overwrite) as staging:
-        manifest = _write_export(client, run, staging, MetricValue(name=metric, mode=mode), tracking_uri)
+        manifest = write_export(client, run, staging, MetricValue(name=metric, mode=mode), tracking_uri)
         ExportedPrompt.read(staging)  # what we hand over must read back
         exported_at = manifest.source["exported_at"]
         client.set_tag(run.info.run_id, EXPORTED_TO_TAG, str(out))
         client.set_tag(run.info.run_id, EXPORTED_AT_TAG, exported_at)
     return ExportResult(out, manifest)
+
+
+def export_peft_adapter(
+    tracking_uri: str,
+    out: str | Path,
+    *,
+    experiment: Optional[str] = None,
+    run_id: Optional[str] = None,
+    metric: str = "val_accuracy",
+    mode: Mode = "max",
+    overwrite: bool = False,
+) -> ExportResult:
+    """``ptune-search export --format peft``: the chosen trial's prompt, written as a PEFT adapter to ``out``."""
+    from ptune_search.prompts.peft_adapter import write_peft_adapter
+
+    out = Path(out).absolute()
+    with tempfile.TemporaryDirectory() as scratch:
+        exported = export_prompt(
+            tracking_uri, Path(scratch) / "prompt", experiment=experiment, run_id=run_id, metric=metric, mode=mode
+        )
+        prompt = ExportedPrompt.read(exported.folder)
+        with _staged_folder(out, overwrite) as staging:
+            write_peft_adapter(prompt, staging)  # refuses deep_ptune before writing anything
+    _client(tracking_uri).set_tag(prompt.manifest.source_run_id, EXPORTED_TO_TAG, str(out))
+    return ExportResult(out, prompt.manifest)
+
+
+def best_or_named_run(
+    tracking_uri: str, experiment: Optional[str], run_id: Optional[str], metric: str, mode: Mode
+) -> "Run":
+    """The trial run ``run_id`` (checked to be one), or else the best trial of ``experiment``'s latest search."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min' (got {mode!r})")
+    if experiment is None and run_id is None:
+        raise ValueError("name the search's experiment (--experiment NAME) or a trial run (--run-id ID)")
+    client = _client(tracking_uri)
+    return _named_run(client, run_id, experiment) if run_id else best_trial_run(client, experiment, metric, mode)
 
 
 def best_trial_run(client: MlflowClient, experiment: str, metric: str, mode: Mode) -> "Run":
@@ -152,7 +185,7 @@ def _named_run(client: MlflowClient, run_id: str, experiment: Optional[str]) -> 
     return run
 
 
-def _write_export(
+def write_export(
     client: MlflowClient, run: "Run", folder: Path, metric: MetricValue, tracking_uri: str
 ) -> PromptManifest:
     """Download the run's tensors into ``folder`` and write the manifest that describes them."""

@@ -151,6 +151,9 @@ class ExportedPrompt:
         head = _read_tensors(folder / HEAD_FILE, {HEAD_KEY: (manifest.num_labels, manifest.hidden_size)})
         return cls(folder, manifest, prompt, head)
 
+    def config_settings(self) -> dict[str, Any]:
+        return self.manifest.config_settings()
+
     def check_settings(self, settings: dict[str, Any]) -> None:
         """Refuse explicit model settings (``tuning_mode=...``, ...) that contradict the prompt."""
         wanted = {

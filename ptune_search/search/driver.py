@@ -22,13 +22,21 @@ from ray.tune.search.optuna import OptunaSearch
 from ptune_search.config import ExperimentConfig
 from ptune_search.data import TaskSpec
 from ptune_search.pretrained import resolve_model
+from ptune_search.prompts.mlflow_model import register_search_prompt
 from ptune_search.search.disk_space import OutputDisk, full_disk_reported
 from ptune_search.search.disk_watch import FreeSpaceWatch
-from ptune_search.search.report import best_finished_trial, trial_rows, write_search_report
+from ptune_search.search.report import (
+    asha_rungs,
+    best_finished_trial,
+    trial_curves,
+    trial_rows,
+    write_search_report,
+)
 from ptune_search.search.resumed_settings import CONFIG_FILE, check_resume_settings, flat_settings
 from ptune_search.search.tracking.outbox import TrackingOutbox
-from ptune_search.search.tracking.records import MlflowTrialCallback, SearchTracker
+from ptune_search.search.tracking.records import MlflowTrialCallback, SearchTracker, how_to_open_runs
 from ptune_search.search.tracking.sender import OutboxSender, StoreUnreachable
+from ptune_search.search.tracking.task_dataset import TaskDatasetInput, task_dataset_inputs
 from ptune_search.search.trial import PromptTuningTrial, TrialSettings
 from ptune_search.search.trial_actors import TrialActors
 from ptune_search.swarm.client.client_config import ClientConfig
@@ -138,7 +146,9 @@ def _run_search(config: ExperimentConfig, model_path: str, address: Optional[str
     # MLflow's own HTTP retries would hold a write for minutes; the outbox sender retries with its own backoff.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-    tracker = SearchTracker(config.tracking_uri, config.mlflow.experiment_name, output_dir, artifact_root)
+    tracker = SearchTracker(
+        config.tracking_uri, config.mlflow.experiment_name, output_dir, artifact_root, register_search_prompt
+    )
     outbox = TrackingOutbox.open(output_dir / OUTBOX_DIR)
     with OutboxSender(outbox, tracker) as sender:
         deliver_outbox(sender, config)  # records an interrupted run of this search left behind go first
@@ -146,13 +156,20 @@ def _run_search(config: ExperimentConfig, model_path: str, address: Optional[str
             # Trial actors end first (quietly, see TrialActors), then the swarm they use, then Ray.
             with _ray_and_swarm(config, model_path, address) as initial_peers, TrialActors.of_this_driver():
                 settings = _trial_settings(config, model_path, initial_peers)
-                parent_run_id = tracker.start_parent(output_dir.name, flat_settings(config.to_dict()), config_file)
-                callback = MlflowTrialCallback(outbox, parent_run_id, _static_params(config))
-                rows = trial_rows(_fit(config, settings, callback, resume), METRIC)
+                datasets = _task_datasets(config)
+                parent_run_id = tracker.start_parent(
+                    output_dir.name, flat_settings(config.to_dict()), config_file, datasets
+                )
+                callback = MlflowTrialCallback(outbox, parent_run_id, _static_params(config), datasets)
+                grid = _fit(config, settings, callback, resume)
+                rows = trial_rows(grid, METRIC)
+                curves = trial_curves(grid, rows, METRIC)
                 best = best_finished_trial(rows, METRIC)
                 baseline = None
                 if config.baseline:
-                    callback = MlflowTrialCallback(outbox, parent_run_id, _static_params(config), role="baseline")
+                    callback = MlflowTrialCallback(
+                        outbox, parent_run_id, _static_params(config), datasets, role="baseline"
+                    )
                     baseline = _run_baseline(config, settings, callback, best["lr"], resume)
         except BaseException:
             outbox.append("abort", {})
@@ -165,11 +182,20 @@ def _run_search(config: ExperimentConfig, model_path: str, address: Optional[str
                 )
             raise
         study = optuna.load_study(study_name=SEARCH_NAME, storage=_optuna_storage(output_dir))
-        report = write_search_report(output_dir, rows, best, study, baseline, METRIC)
+        scheduler = config.scheduler
+        rungs = asha_rungs(scheduler.grace_period, scheduler.reduction_factor, config.budget.max_steps)
+        report = write_search_report(output_dir, rows, best, study, baseline, METRIC, curves, rungs)
         summary = {key: [value, int(time.time() * 1000)] for key, value in report.summary.items()}
         finish = {"parent_run_id": parent_run_id, "best_trial_id": best["trial_id"], "summary": summary}
+        register = {
+            "parent_run_id": parent_run_id,
+            "best_trial_id": best["trial_id"],
+            "registered_model_name": config.registered_model_name,
+        }
+        outbox.append("register_model", register)
         outbox.append("finish_parent", finish, report.files)
         deliver_outbox(sender, config)
+        print(how_to_open_runs(config.tracking_uri, tracker.experiment_id))
     return SearchOutcome(best, baseline, rows, parent_run_id)
 
 
@@ -209,6 +235,12 @@ def _trial_settings(config: ExperimentConfig, model_path: str, initial_peers: li
             trusted_servers=swarm.trusted_servers,
         ),
     )
+
+
+def _task_datasets(config: ExperimentConfig) -> list[TaskDatasetInput]:
+    task = config.task
+    spec = TaskSpec(task.name, task.text_column, task.label_column)
+    return task_dataset_inputs(spec, task.train_size, task.validation_size, config.seed)
 
 
 def _optuna_storage(output_dir: Path) -> optuna.storages.RDBStorage:

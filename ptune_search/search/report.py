@@ -1,4 +1,10 @@
-"""The end of a search: a table of all trials, the best one, and Optuna's plots, as files for MLflow."""
+"""The end of a search: a table of all trials, the best one, and plots (HTML files that MLflow carries too).
+
+Every plot embeds plotly.js (about 4.8 MB a file) instead of loading it from a CDN or from a shared
+``plotly.min.js`` beside it: a CDN leaves the plots blank on a machine without internet, and the MLflow UI
+shows an HTML artifact on its own (a sandboxed iframe over a blob: URL), where no relative script can load.
+Embedded, each file renders offline wherever it is opened: in the UI, downloaded alone, or in ``output_dir``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any, Optional
 
 import optuna
 import pandas as pd
+import plotly.graph_objects as go
 from ray import tune
 
 logger = logging.getLogger(__name__)
@@ -18,6 +25,18 @@ OPTUNA_PLOTS = {
     "optuna_param_importances.html": optuna.visualization.plot_param_importances,
     "optuna_parallel_coordinate.html": optuna.visualization.plot_parallel_coordinate,
 }
+CURVES_PLOT = "val_accuracy_by_step.html"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialCurve:
+    """A trial's validation metric at each evaluated step, and how the trial ended (as in ``trial_rows``)."""
+
+    trial_id: str
+    label: str
+    steps: list[int]
+    values: list[float]
+    status: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +68,56 @@ def trial_rows(grid: tune.ResultGrid, metric: str) -> list[dict[str, Any]]:
     return rows
 
 
+def trial_curves(grid: tune.ResultGrid, rows: list[dict[str, Any]], metric: str) -> list[TrialCurve]:
+    """Every evaluation each trial reported to Tune (its result history), in step order."""
+    status = {row["trial_id"]: row["status"] for row in rows}
+    curves = []
+    for result, row in zip(grid, rows):
+        history = result.metrics_dataframe
+        if history is None or metric not in history or "step" not in history:
+            continue
+        points = history[["step", metric]].dropna().drop_duplicates("step", keep="last").sort_values("step")
+        label = f"{row['trial_id']} {row['tuning_mode']} P={row['pre_seq_len']} lr={row['lr']:.1e}"
+        steps, values = points["step"].astype(int).tolist(), points[metric].astype(float).tolist()
+        curves.append(TrialCurve(row["trial_id"], label, steps, values, status[row["trial_id"]]))
+    return curves
+
+
+def asha_rungs(grace_period: int, reduction_factor: float, max_steps: int) -> list[int]:
+    """The steps at which ASHA compares trials and stops the weak ones: grace_period * reduction_factor**k,
+    below max_steps (Ray's ASHA milestones; at max_steps every trial ends anyway)."""
+    rungs, rung = [], float(grace_period)
+    while rung < max_steps:
+        rungs.append(int(rung))
+        rung *= reduction_factor
+    return rungs
+
+
+def plot_curves(curves: list[TrialCurve], rungs: list[int], metric: str) -> go.Figure:
+    """One line per trial against step; dashed verticals at ASHA's rungs; a cross where a trial was stopped."""
+    figure = go.Figure()
+    for curve in curves:
+        stopped = curve.status != "finished"
+        figure.add_trace(
+            go.Scatter(
+                x=curve.steps,
+                y=curve.values,
+                mode="lines+markers",
+                name=f"{curve.label} ({curve.status})",
+                line={"dash": "dot" if stopped else "solid"},
+                marker={"symbol": ["circle"] * (len(curve.steps) - 1) + ["x" if stopped else "circle"], "size": 8},
+            )
+        )
+    for rung in rungs:
+        figure.add_vline(x=rung, line_dash="dash", line_color="grey", annotation_text=f"ASHA rung {rung}")
+    figure.update_layout(
+        title=f"{metric} by step, every trial (dotted and crossed: stopped early or failed)",
+        xaxis_title="step",
+        yaxis_title=metric,
+    )
+    return figure
+
+
 def best_finished_trial(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     """The best trial that ran its whole budget: an early-stopped trial's value is not comparable."""
     finished = [row for row in rows if row["status"] == "finished" and row[metric] is not None]
@@ -64,15 +133,19 @@ def write_search_report(
     study: optuna.Study,
     baseline_accuracy: Optional[float],
     metric: str,
+    curves: list[TrialCurve],
+    rungs: list[int],
 ) -> SearchReport:
-    """Write ``trials.csv`` and Optuna's HTML plots to ``output_dir`` and print the summary table."""
+    """Write ``trials.csv``, Optuna's plots and the curves plot (HTML) to ``output_dir``; print the summary."""
     table = pd.DataFrame(rows).sort_values(metric, ascending=False, na_position="last")
     csv_file = output_dir / "trials.csv"
     table.to_csv(csv_file, index=False)
     files = [csv_file]
-    for name, plot in OPTUNA_PLOTS.items():
+    figures = {name: lambda plot=plot: plot(study) for name, plot in OPTUNA_PLOTS.items()}
+    figures[CURVES_PLOT] = lambda: plot_curves(curves, rungs, metric)
+    for name, figure in figures.items():
         try:
-            plot(study).write_html(output_dir / name, include_plotlyjs="cdn")
+            figure().write_html(output_dir / name, include_plotlyjs=True)
             files.append(output_dir / name)
         except (ValueError, RuntimeError) as error:  # e.g. importances need two finished trials
             logger.warning("skipped %s: %s", name, error)

@@ -10,22 +10,25 @@ creating duplicates.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 from ray import tune
 
 from ptune_search.prompts.prompt_folder import TRIAL_ARTIFACTS
 from ptune_search.search.tracking.filters import tag_clause, tagged
 from ptune_search.search.tracking.outbox import OutboxRecord, TrackingOutbox
+from ptune_search.search.tracking.task_dataset import TaskDatasetInput
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -37,6 +40,10 @@ TRIAL_TAG = "ptune_search.trial_id"
 ROLE_TAG = "ptune_search.role"
 BEST_TAG = "ptune_search.best"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+# What kind of experiment this is, for MLflow 3's UI (model training, not GenAI); the view it opens on is a
+# per-browser setting that only the URL query WORKFLOW_QUERY overrides (see experiment_runs_url).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+WORKFLOW_QUERY = "workflowType=machine_learning"
 SEARCHED_PARAMS = ("tuning_mode", "pre_seq_len", "lr")
 STEP_METRICS = ("val_loss", "val_accuracy", "tokens_per_s")
 
@@ -52,6 +59,30 @@ def project_git_commit() -> str:
     return completed.stdout.strip() if completed.returncode == 0 else "unknown"
 
 
+def experiment_runs_url(tracking_uri: str, experiment_id: str, ui_url: str = "http://127.0.0.1:5000") -> str:
+    """Where the experiment's runs open in the MLflow UI's model-training view (not its GenAI overview).
+
+    A tracking server serves the UI itself; a database store needs ``mlflow ui`` on it first, at ``ui_url``.
+    """
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else ui_url
+    return f"{base}/#/experiments/{experiment_id}?{WORKFLOW_QUERY}"
+
+
+def how_to_open_runs(tracking_uri: str, experiment_id: str) -> str:
+    """The line the search's summary prints: the runs URL, and for a database store the command to serve it."""
+    url = experiment_runs_url(tracking_uri, experiment_id)
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow runs: {url}"
+    return f"MLflow runs: run `mlflow ui --backend-store-uri {tracking_uri}`, then open {url}"
+
+
+class PromptRegistrar(Protocol):
+    """Logs trial run ``run_id``'s prompt as a model of search run ``parent_run_id`` and registers it under
+    ``registered_name``, once per search (see :func:`ptune_search.prompts.mlflow_model.register_search_prompt`)."""
+
+    def __call__(self, tracking_uri: str, parent_run_id: str, run_id: str, registered_name: str) -> None: ...
+
+
 class SearchTracker:
     """The MLflow side of one search: the parent run, and the outbox's records written to the trials' runs.
 
@@ -60,8 +91,16 @@ class SearchTracker:
     :meth:`forget_store_state` makes the next one read the store again).
     """
 
-    def __init__(self, tracking_uri: str, experiment_name: str, search_dir: Path, artifact_root: Optional[Path]):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        search_dir: Path,
+        artifact_root: Optional[Path],
+        register_prompt: Optional[PromptRegistrar] = None,
+    ):
         self.tracking_uri = tracking_uri
+        self.register_prompt = register_prompt
         self.client = MlflowClient(tracking_uri)
         self.search_dir = str(search_dir)
         try:
@@ -73,25 +112,39 @@ class SearchTracker:
             ) from None
         if experiment is None:
             location = artifact_root.as_uri() if artifact_root is not None else None
-            self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(
+                experiment_name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         else:
             self.experiment_id = experiment.experiment_id
+            if EXPERIMENT_KIND_TAG not in experiment.tags:
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.parent_run_id: Optional[str] = None
         self._run_ids: dict[str, str] = {}  # Tune trial id -> run id, as the store answered
         self._last_steps: dict[str, int] = {}  # run id -> last logged step, as read from the store
 
-    def start_parent(self, run_name: str, params: dict[str, Any], config_file: Path) -> str:
+    def start_parent(
+        self, run_name: str, params: dict[str, Any], config_file: Path, datasets: Sequence[TaskDatasetInput] = ()
+    ) -> str:
         """Reuse the parent of an earlier, interrupted run of the same search directory (resume)."""
         existing = self._runs({SEARCH_TAG: self.search_dir, ROLE_TAG: "search"})
         if existing:
             self.parent_run_id = existing[0].info.run_id
             self.client.update_run(self.parent_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             return self.parent_run_id
-        tags = {SEARCH_TAG: self.search_dir, ROLE_TAG: "search", GIT_COMMIT_TAG: project_git_commit()}
+        tags = {
+            SEARCH_TAG: self.search_dir,
+            ROLE_TAG: "search",
+            GIT_COMMIT_TAG: project_git_commit(),
+            MLFLOW_SOURCE_NAME: search_source_name(),
+            MLFLOW_SOURCE_TYPE: "LOCAL",
+        }
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
         self.parent_run_id = run.info.run_id
         self.client.log_batch(self.parent_run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         self.client.log_artifact(self.parent_run_id, str(config_file))
+        if datasets:
+            self.client.log_inputs(self.parent_run_id, datasets=[dataset.to_mlflow() for dataset in datasets])
         return self.parent_run_id
 
     def write(self, record: OutboxRecord) -> None:
@@ -99,11 +152,18 @@ class SearchTracker:
         args = record.args
         match record.operation:
             case "start_child":
-                self.child_run(args["trial_id"], args["run_name"], args["params"], args["role"], args["parent_run_id"])
+                run_id = self.child_run(
+                    args["trial_id"], args["run_name"], args["params"], args["role"], args["parent_run_id"]
+                )
+                datasets = [TaskDatasetInput.from_json(fields).to_mlflow() for fields in args.get("datasets", [])]
+                if datasets:  # logging the same inputs again changes nothing: the store keeps one of each
+                    self.client.log_inputs(run_id, datasets=datasets)
             case "log_result":
                 self.log_result(args["trial_id"], args["step"], args["metrics"])
             case "finish_child":
                 self.finish_child(args["trial_id"], RunStatus.from_string(args["status"]), list(record.files))
+            case "register_model":
+                self.register_model(args["parent_run_id"], args["best_trial_id"], args["registered_model_name"])
             case "finish_parent":
                 self.finish_parent(args["parent_run_id"], args["best_trial_id"], args["summary"], list(record.files))
             case "abort":
@@ -176,6 +236,12 @@ class SearchTracker:
             self.client.log_artifact(parent_run_id, str(file))
         self.client.set_terminated(parent_run_id, status=RunStatus.to_string(RunStatus.FINISHED))
 
+    def register_model(self, parent_run_id: str, best_trial_id: str, registered_model_name: str) -> None:
+        """The best trial's prompt as a pyfunc model of the search run, registered once per search."""
+        if self.register_prompt is None:
+            raise ValueError("this tracker was built without register_prompt; it cannot register a model")
+        self.register_prompt(self.tracking_uri, parent_run_id, self._trial_run(best_trial_id), registered_model_name)
+
     def abort(self) -> None:
         """An interrupted search: its parent and still-running children become KILLED until resumed."""
         running = self._runs({SEARCH_TAG: self.search_dir}, "attributes.status = 'RUNNING'")
@@ -195,6 +261,11 @@ class SearchTracker:
         return tagged(runs, tags)
 
 
+def search_source_name() -> str:
+    """The program that ran the search, as MLflow names a run's source (the entry point's path)."""
+    return str(Path(sys.argv[0]).resolve()) if sys.argv and sys.argv[0] else "ptune-search"
+
+
 def trial_params(trial: "Trial", static_params: dict[str, Any]) -> dict[str, Any]:
     params = {key: trial.config[key] for key in SEARCHED_PARAMS if key in trial.config}
     return {**params, **static_params}
@@ -207,10 +278,18 @@ class MlflowTrialCallback(tune.Callback):
     run; the outbox pickles as its directory and reattaches to the open one when a search is resumed.
     """
 
-    def __init__(self, outbox: TrackingOutbox, parent_run_id: str, static_params: dict[str, Any], role: str = "trial"):
+    def __init__(
+        self,
+        outbox: TrackingOutbox,
+        parent_run_id: str,
+        static_params: dict[str, Any],
+        datasets: list[TaskDatasetInput],
+        role: str = "trial",
+    ):
         self.outbox = outbox
         self.parent_run_id = parent_run_id
         self.static_params = static_params
+        self.datasets = datasets
         self.role = role
         self.started: set[str] = set()
         self.checkpoints: dict[str, tune.Checkpoint] = {}
@@ -251,6 +330,7 @@ class MlflowTrialCallback(tune.Callback):
             "params": trial_params(trial, self.static_params),
             "role": self.role,
             "parent_run_id": self.parent_run_id,
+            "datasets": [dataclasses.asdict(dataset) for dataset in self.datasets],
         }
         self.outbox.append("start_child", args)
         self.started.add(trial.trial_id)
