@@ -8,8 +8,8 @@ import pytest
 from benchmarks.chaos_search import missed_targets, run_chaos_search
 from benchmarks.search_harness.chaos import ChaosPlan
 
-# Every kind of fault within the first 50 s of training (events run late while a replacement joins or MLflow
-# restarts); the search of 4 trials lasts longer than that.
+# Every kind of fault within the first 50 s of training (later events wait while MLflow restarts); the search of
+# 4 trials lasts longer than that.
 SHORT_PLAN = ChaosPlan(seconds=50, kill_every_s=(15, 25), stall_s=8, mlflow_down_s=8, mlflow_outages=2)
 
 
