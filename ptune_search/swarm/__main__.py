@@ -41,6 +41,12 @@ def add_swarm_arguments(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--receive-timeout", type=float, help="seconds a streamed request may take to arrive (60)")
     serve.add_argument("--cache-bytes", type=int, help="memory for forward graphs kept for backward")
     serve.add_argument(
+        "--max-inflight-bytes",
+        type=int,
+        help="requests in flight and kept graphs together; beyond it requests are refused as busy (4 GiB)",
+    )
+    serve.add_argument("--max-inflight-tokens", type=int, help="tokens of the requests in flight together (262144)")
+    serve.add_argument(
         "--cache-max-age", type=float, help="seconds a forward graph waits for its backward before it is freed (600)"
     )
     serve.add_argument(
@@ -103,6 +109,8 @@ def run_swarm_command(args: argparse.Namespace) -> None:
             receive_timeout=args.receive_timeout,
             cache_bytes=args.cache_bytes,
             cache_max_age=args.cache_max_age,
+            max_inflight_bytes=args.max_inflight_bytes,
+            max_inflight_tokens=args.max_inflight_tokens,
             merge_max_tokens=args.merge_max_tokens,
             merge_wait=args.merge_wait,
             host=args.host,

@@ -112,6 +112,8 @@ def run_block_server(
     receive_timeout: Optional[float] = None,
     cache_bytes: Optional[int] = None,
     cache_max_age: Optional[float] = None,
+    max_inflight_bytes: Optional[int] = None,
+    max_inflight_tokens: Optional[int] = None,
     merge_max_tokens: Optional[int] = None,
     merge_wait: Optional[float] = None,
     host: str = "127.0.0.1",
@@ -158,6 +160,10 @@ def run_block_server(
         settings.cache_bytes = cache_bytes
     if cache_max_age is not None:
         settings.cache_max_age = cache_max_age
+    if max_inflight_bytes is not None:
+        settings.inflight_bytes = max_inflight_bytes
+    if max_inflight_tokens is not None:
+        settings.inflight_tokens = max_inflight_tokens
     if merge_max_tokens is not None:
         settings.merge = dataclasses.replace(settings.merge, max_tokens=merge_max_tokens)
     if merge_wait is not None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
+import time
 import uuid
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -53,7 +55,9 @@ class Hop:
 class ChainPasses:
     def __init__(self, p2p: "P2P", router: BlockRouter, settings: ClientConfig):
         self.p2p, self.router, self.settings = p2p, router, settings
-        self.stats = {"failed_calls": 0, "rerouted_backward_hops": 0, "server_recomputes": 0}
+        self.stats = {"failed_calls": 0, "rerouted_backward_hops": 0, "server_recomputes": 0, "busy_refusals": 0}
+        self._busy_since: Optional[float] = None  # when the current streak of busy refusals began
+        self._busy_streak = 0
 
     async def forward(
         self,
@@ -74,8 +78,12 @@ class ChainPasses:
             try:
                 (output,), _ = await self._call("forward", span, tensors, prompts, request_id, keep=keep)
             except Exception as e:
-                failures = await self._on_failure("forward", span, failures, e)
+                if _busy(e):  # another replica, or this one later
+                    await self._on_busy("forward", span, e)
+                else:
+                    failures = await self._on_failure("forward", span, failures, e)
                 continue
+            self._busy_since = None
             self.router.on_success(span.peer_id)
             hops.append(Hop(span, hidden, request_id))
             hidden, block, failures = output, span.end, 0
@@ -100,11 +108,16 @@ class ChainPasses:
                 tensors = [hop.inputs, attention_mask, grad]
                 grads, metadata = await self._call("backward", span, tensors, prompts, hop.request_id)
             except Exception as e:
+                if _busy(e):  # the server keeps the graph: the same hop, later
+                    await self._on_busy("backward", span, e)
+                    hops.append(hop)
+                    continue
                 failures = await self._on_failure("backward", span, failures, e)
                 self.stats["rerouted_backward_hops"] += 1
                 _, new_hops = await self.forward(hop.inputs, attention_mask, prompts, span.start, span.end, keep=True)
                 hops.extend(new_hops)
                 continue
+            self._busy_since = None
             self.router.on_success(span.peer_id)
             if metadata.get("recomputed"):
                 self.stats["server_recomputes"] += 1
@@ -154,6 +167,22 @@ class ChainPasses:
         outputs[0] = outputs[0].to(dtype)
         return outputs, response
 
+    async def _on_busy(self, method: str, span: RemoteSpan, error: RequestRefused) -> None:
+        """Back off (with jitter, so that refused clients do not come back together) before the next try; a
+        busy server is not failing, so it is not banned and the retries are not spent, up to ``busy_timeout``."""
+        self.stats["busy_refusals"] += 1
+        now = time.monotonic()
+        if self._busy_since is None:
+            self._busy_since, self._busy_streak = now, 0
+        if now - self._busy_since > self.settings.busy_timeout:
+            raise SwarmRequestError(
+                f"servers refused the {method} through blocks {span.start}:{span.end} as busy for "
+                f"{now - self._busy_since:.0f}s (busy_timeout); last: server {span.peer_id}: {error.message}"
+            )
+        self._busy_streak += 1
+        delay = min(self.settings.backoff_base * 2 ** min(self._busy_streak - 1, 8), self.settings.backoff_max)
+        await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+
     async def _on_failure(self, method: str, span: RemoteSpan, failures: int, error: Exception) -> int:
         """Ban the server (drop it from routing if it cannot be dialled), raise if the retries are spent or the
         request itself is bad, else back off (and re-read the DHT if every server of the block is banned)."""
@@ -181,3 +210,7 @@ class ChainPasses:
         if all(self.router.is_banned(peer) for peer in self.router.servers_for(span.start)):
             await self.router.refresh()  # the failed servers may have died: their records expire
         return failures
+
+
+def _busy(error: Exception) -> bool:
+    return isinstance(error, RequestRefused) and error.kind == ErrorKind.BUSY

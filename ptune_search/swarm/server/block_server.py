@@ -37,6 +37,7 @@ from ptune_search.swarm.protocol import (
     model_prefix,
 )
 from ptune_search.swarm.server.activation_cache import ActivationCache
+from ptune_search.swarm.server.admission import InflightBudget
 from ptune_search.swarm.server.announcer import ServerAnnouncer
 from ptune_search.swarm.server.checks import ServedSpan
 from ptune_search.swarm.server.fair_queue import FairQueue, MergeLimits
@@ -61,6 +62,8 @@ class ServerSettings:
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
     cache_bytes: int = 2 * 1024**3  # forward graphs kept for backward
     cache_max_age: float = 600.0
+    inflight_bytes: int = 4 * 1024**3  # requests in flight (payloads, answers) and kept graphs together
+    inflight_tokens: int = 256 * 1024  # tokens of the requests in flight together
     merge: MergeLimits = dataclasses.field(default_factory=MergeLimits)  # requests of clients run as one batch
     record_ttl: float = 60.0
     refresh_period: Optional[float] = None  # default: record_ttl / 3
@@ -186,7 +189,8 @@ class BlockServer:
             "version": PROTOCOL_VERSION,
         }
         cache = ActivationCache(settings.cache_bytes, settings.cache_max_age)
-        return BlockRPCHandlers(span, served, queue, cache, info)
+        budget = InflightBudget(settings.inflight_bytes, settings.inflight_tokens, kept_bytes=lambda: cache.nbytes)
+        return BlockRPCHandlers(span, served, queue, cache, budget, info)
 
 
 async def _expire_forever(cache: ActivationCache) -> None:

@@ -6,6 +6,9 @@ backward that follows (same client, same request id) runs the backward on it, or
 the inputs it carries when the graph is gone. Refusals go back as ``{"error": ...}`` metadata, never as a
 crash.
 
+Every request holds a ticket of the server's :class:`InflightBudget` (bytes and tokens in flight, kept graphs
+counted) from its first byte to its answer; beyond the budget it is refused as ``busy`` (see admission).
+
 A streamed request must arrive whole within ``limits.receive_timeout`` seconds: a client that stops sending
 half-way is refused then, and what it sent is freed (``info`` counts the streams being received).
 """
@@ -25,6 +28,7 @@ from hivemind.proto import runtime_pb2
 from ptune_search.models.decoder_span import DecoderBlockSpan
 from ptune_search.swarm.protocol import ErrorKind, RequestRefused, error_metadata, pack_metadata
 from ptune_search.swarm.server.activation_cache import ActivationCache
+from ptune_search.swarm.server.admission import InflightBudget, Ticket
 from ptune_search.swarm.server.checks import (
     ServedSpan,
     SpanRequest,
@@ -58,9 +62,16 @@ class BlockRPCHandlers:
     """Implements :class:`~ptune_search.swarm.protocol.BlockService` for a loaded :class:`DecoderBlockSpan`."""
 
     def __init__(
-        self, span: DecoderBlockSpan, served: ServedSpan, queue: FairQueue, cache: ActivationCache, info: dict[str, Any]
+        self,
+        span: DecoderBlockSpan,
+        served: ServedSpan,
+        queue: FairQueue,
+        cache: ActivationCache,
+        budget: InflightBudget,
+        info: dict[str, Any],
     ):
         self.span, self.served, self.queue, self.cache, self.info = span, served, queue, cache, info
+        self.budget = budget
         tensors = list(span.parameters()) + list(span.buffers())
         self._weights = frozenset(t.untyped_storage().data_ptr() for t in tensors)
         self.receiving_streams = 0
@@ -78,6 +89,7 @@ class BlockRPCHandlers:
             queue=self.queue.pending,
             compute=dict(self.queue.stats),
             cache=cache,
+            inflight=self.budget.stats(),
             receiving_streams=self.receiving_streams,
         )
         return runtime_pb2.ExpertResponse(metadata=pack_metadata(info))
@@ -103,39 +115,43 @@ class BlockRPCHandlers:
     async def _unary(
         self, kind: str, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
-        try:
-            check_payload_size(request.tensors, self.served.limits)
-            tensors = decode_tensors(request.tensors)
-            outputs, metadata = await self._process(kind, request.uid, tensors, request.metadata, context)
-        except RequestRefused as e:
-            return runtime_pb2.ExpertResponse(metadata=error_metadata(e.kind, e.message))
-        tensors = [serialize_tensor(t) for t in outputs]
-        return runtime_pb2.ExpertResponse(tensors=tensors, metadata=pack_metadata(metadata))
+        with self.budget.ticket() as ticket:
+            try:
+                check_payload_size(request.tensors, self.served.limits)
+                ticket.add(nbytes=2 * sum(len(tensor.buffer) for tensor in request.tensors))  # request and answer
+                tensors = decode_tensors(request.tensors)
+                outputs, metadata = await self._process(kind, request.uid, tensors, request.metadata, context, ticket)
+            except RequestRefused as e:
+                return runtime_pb2.ExpertResponse(metadata=error_metadata(e.kind, e.message))
+            tensors = [serialize_tensor(t) for t in outputs]
+            return runtime_pb2.ExpertResponse(tensors=tensors, metadata=pack_metadata(metadata))
 
     async def _stream(
         self, kind: str, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         timeout = self.served.limits.receive_timeout
         deadline = asyncio.get_running_loop().time() + timeout
-        try:
+        with self.budget.ticket() as ticket:
             try:
-                uid, metadata, tensors = await self._receive(requests, deadline)
-            except TimeoutError:
-                raise bad_request(f"the request stream did not arrive whole within {timeout:g} s") from None
-            outputs, response_metadata = await self._process(kind, uid, tensors, metadata, context)
-        except RequestRefused as e:
-            yield runtime_pb2.ExpertResponse(metadata=error_metadata(e.kind, e.message))
-            with contextlib.suppress(Exception):  # read what the client still sends, so its stream can close
-                async with asyncio.timeout_at(deadline):
-                    await _drain(requests)
-            return
-        for message in response_messages(outputs, response_metadata):
-            yield message
+                try:
+                    uid, metadata, tensors = await self._receive(requests, deadline, ticket)
+                except TimeoutError:
+                    raise bad_request(f"the request stream did not arrive whole within {timeout:g} s") from None
+                outputs, response_metadata = await self._process(kind, uid, tensors, metadata, context, ticket)
+            except RequestRefused as e:
+                yield runtime_pb2.ExpertResponse(metadata=error_metadata(e.kind, e.message))
+                with contextlib.suppress(Exception):  # read what the client still sends, so its stream can close
+                    async with asyncio.timeout_at(deadline):
+                        await _drain(requests)
+                return
+            for message in response_messages(outputs, response_metadata):
+                yield message
 
     async def _receive(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], deadline: float
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], deadline: float, ticket: Ticket
     ) -> tuple[str, bytes, list[torch.Tensor]]:
-        """The uid, metadata and tensors of a request stream, read until ``deadline`` (loop time) at most."""
+        """The uid, metadata and tensors of a request stream, read until ``deadline`` (loop time) at most;
+        ``ticket`` grows with every part (BUSY beyond the server's in-flight budget)."""
         assembler = TensorAssembler(self.served.limits.max_payload_bytes)
         uid, metadata = None, b""
         self.receiving_streams += 1
@@ -145,6 +161,7 @@ class BlockRPCHandlers:
                     if uid is None:
                         uid, metadata = message.uid, message.metadata
                     for part in message.tensors:
+                        ticket.add(nbytes=2 * len(part.buffer))  # the part, and as much of the answer
                         assembler.add(part)
             return uid or "", metadata, assembler.tensors()
         except PayloadTooLarge as e:
@@ -155,11 +172,18 @@ class BlockRPCHandlers:
             self.receiving_streams -= 1
 
     async def _process(
-        self, kind: str, uid: str, tensors: Sequence[torch.Tensor], metadata: bytes, context: P2PContext
+        self,
+        kind: str,
+        uid: str,
+        tensors: Sequence[torch.Tensor],
+        metadata: bytes,
+        context: P2PContext,
+        ticket: Ticket,
     ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         request = parse_span_request(kind, uid, tensors, metadata, self.served)
         client: Hashable = context.remote_id
         batch, length = request.hidden.shape[:2]
+        ticket.add(tokens=batch * length, nbytes=int(batch * length * self.budget.graph_bytes_per_token))
         work = Mergeable(
             key=(kind, request.start, request.end, request.keep_activations),
             rows=batch,
@@ -202,6 +226,8 @@ class BlockRPCHandlers:
         merged = self._merged([work.request for work in batch], grad=keep)
         if not keep:
             return [([merged.output(member)], {}) for member in range(len(batch))]
+        tokens = sum(work.request.hidden.shape[0] * work.request.hidden.shape[1] for work in batch)
+        self.budget.graph_bytes_per_token = max(self.budget.graph_bytes_per_token, merged.nbytes / tokens)
         replies: list[Reply] = []
         for member, work in enumerate(batch):
             kept = self.cache.put(work.key, MemberForward(merged, member, merged.member_bytes(member)))
