@@ -12,10 +12,15 @@ smaller than one request still makes progress (each request is bounded by the re
 
 Example::
 
-    budget = InflightBudget(max_bytes=2**30, max_tokens=65536, kept_bytes=lambda: cache.nbytes)
+    budget = InflightBudget(max_bytes=2**20, max_tokens=4096, kept_bytes=lambda: 0)
     with budget.ticket() as ticket:
-        ticket.add(nbytes=2 * len(part.buffer))   # RequestRefused(BUSY) when over budget
-        ticket.add(tokens=batch * length)
+        ticket.add(nbytes=2 * 600_000)                  # alone in flight: admitted even beyond the budget
+        with budget.ticket() as other:
+            try:
+                other.add(nbytes=1)                     # over the budget with another request in flight
+            except RequestRefused as refusal:
+                assert refusal.kind == ErrorKind.BUSY
+    assert budget.bytes == 0 and budget.refused == 1
 """
 
 from __future__ import annotations
