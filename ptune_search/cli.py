@@ -9,8 +9,10 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from ptune_search.data import TaskDataError
 from ptune_search.pretrained import PACKAGED_MODELS
 from ptune_search.search.disk_space import OutputDiskFull
+from ptune_search.search.report import SearchFailed
 
 
 def _prepare_model(args: argparse.Namespace) -> None:
@@ -35,11 +37,14 @@ def _search(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.overrides)
     outcome = run_search(config, address=args.address, resume=args.resume)
+    baseline = outcome.baseline or {}
     print(
         json.dumps(
             {
                 "best_trial": outcome.best_trial,
                 "baseline_accuracy": outcome.baseline_accuracy,
+                "baseline_test_accuracy": baseline.get("test_accuracy"),
+                "baseline_lr": baseline.get("lr"),
                 "parent_run_id": outcome.parent_run_id,
             },
             default=str,
@@ -212,7 +217,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, ConnectionError, OutputDiskFull) as error:
+    except TaskDataError as error:  # the user's data, refused before anything started: a usage error
+        print(f"ptune-search {args.command}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, FileNotFoundError, ConnectionError, OutputDiskFull, SearchFailed) as error:
         sys.exit(f"ptune-search {args.command}: error: {error}")
     except KeyboardInterrupt:
         print(

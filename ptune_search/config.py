@@ -82,6 +82,10 @@ class TaskConfig(_Section):
     max_length: Annotated[StrictInt, Field(ge=8)] = 64
     train_size: Optional[PositiveInt] = None  # None: every example not used for validation
     validation_size: Optional[PositiveInt] = None  # None: 20% of the examples
+    # Held out from training and selection; the best prompt and the baseline are evaluated on it once, after
+    # the search. None: 20% of the examples; 0: no test split.
+    test_size: Optional[Annotated[StrictInt, Field(ge=0)]] = None
+    skip_invalid_rows: StrictBool = False  # drop rows with an empty text or label (with a warning), not refuse
 
     @field_validator("name")
     @classmethod
@@ -207,6 +211,23 @@ class SearchSpace(_Section):
     tuning_modes: Annotated[list[TuningMode], Field(min_length=1)] = Field(default_factory=lambda: list(TUNING_MODES))
     pre_seq_len: IntRange = Field(default_factory=lambda: IntRange(low=4, high=32))
     lr: LogRange = Field(default_factory=lambda: LogRange(low=1.0e-4, high=3.0e-2))
+    # Where prompts start (see ptune_search.models.prompt_init): random, vocab, labels or text:<words>;
+    # several values make it a searched choice.
+    prompt_init: Annotated[list[StrictStr], Field(min_length=1)] = Field(default_factory=lambda: ["labels"])
+
+    @field_validator("prompt_init")
+    @classmethod
+    def _known_inits(cls, inits: list[str]) -> list[str]:
+        from ptune_search.models.prompt_init import check_prompt_init  # lazily: it imports torch
+
+        for index, init in enumerate(inits):
+            try:
+                check_prompt_init(init)
+            except ValueError as error:
+                raise _Problem((index,), f"{_show(init)} is not allowed: {error}") from None
+            if inits.index(init) < index:
+                raise _Problem((index,), f"{_show(init)} is not allowed: repeats {{section}}prompt_init")
+        return inits
 
     @model_validator(mode="after")
     def _modes_unique(self) -> SearchSpace:
@@ -229,6 +250,14 @@ class Budget(_Section):
     batch_size: PositiveInt = 8
     max_concurrent_trials: PositiveInt = 2
     max_failures: Annotated[StrictInt, Field(ge=0)] = 2  # restarts of a failed trial from its last checkpoint
+    # Evaluations before the last one (ASHA's rungs) use the first rung_validation_size validation examples
+    # (a fixed, stratified subset; None: all); the last one uses the whole split. Forward-only, so it takes
+    # larger batches.
+    rung_validation_size: Optional[PositiveInt] = 50
+    eval_batch_size: PositiveInt = 32
+    # The head-only baseline trains one head per learning rate, this many spread over search_space.lr on a
+    # log scale, on the same features, and keeps the best on validation: its own lr at the cost of one trial.
+    baseline_lrs: PositiveInt = 4
 
     @model_validator(mode="after")
     def _eval_within_training(self) -> Budget:
@@ -238,6 +267,18 @@ class Budget(_Section):
                 f"{self.eval_every} is not allowed: must be <= {{section}}max_steps ({self.max_steps})",
             )
         return self
+
+
+class SamplerConfig(_Section):
+    """How Optuna proposes trials: ``tpe`` (multivariate, with a constant liar for trials running at the same
+    time), ``gp`` (Gaussian process) or ``random``. The first ``n_startup_trials`` proposals are random
+    (None: a third of budget.num_samples, at least 2); the model proposes the rest."""
+
+    sampler: Literal["tpe", "gp", "random"] = "tpe"
+    n_startup_trials: Optional[PositiveInt] = None
+
+    def startup_trials(self, num_samples: int) -> int:
+        return self.n_startup_trials if self.n_startup_trials is not None else max(2, num_samples // 3)
 
 
 class SchedulerConfig(_Section):
@@ -274,6 +315,7 @@ class ExperimentConfig(_Section):
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     search_space: SearchSpace = Field(default_factory=SearchSpace)
     budget: Budget = Field(default_factory=Budget)
+    search: SamplerConfig = Field(default_factory=SamplerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     baseline: StrictBool = True  # also run a head-only trial (no prompts) with the same budget

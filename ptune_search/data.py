@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import logging
 import random
 import re
 from collections.abc import Iterator
@@ -35,8 +36,12 @@ BBC_NEWS = "bbc_news"
 PACKAGED_TASKS = (BBC_NEWS,)
 TABLE_EXTENSIONS = (".csv", ".jsonl")
 VALIDATION_FRACTION = 0.2  # validation share when validation_size is None
+TEST_FRACTION = 0.2  # held-out test share when test_size is None
+SHOWN_LINES = 5  # line numbers of invalid rows quoted in a message
 
 Batch = dict[str, torch.Tensor]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,11 @@ class TaskSpec:
     name: str = BBC_NEWS
     text_column: str = "text"
     label_column: str = "label"
+    skip_invalid_rows: bool = False  # drop rows with an empty text or label (with a warning) instead of refusing
+
+
+class TaskDataError(ValueError):
+    """A task the search cannot use (unreadable file, missing column, invalid rows, too few examples)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +92,12 @@ class TokenizedSplit:
             order = torch.arange(len(self))
         return self._batches_in(order, batch_size)
 
+    def head(self, size: int | None) -> TokenizedSplit:
+        """The first ``size`` examples (None: all); a split's order is fixed, so this is a fixed subset."""
+        if size is None or size >= len(self):
+            return self
+        return TokenizedSplit(self.input_ids[:size], self.attention_mask[:size], self.labels[:size])
+
     def _batches_in(self, order: torch.Tensor, batch_size: int) -> Iterator[Batch]:
         for start in range(0, len(order), batch_size):
             yield self._batch(order[start : start + batch_size])
@@ -99,11 +115,12 @@ class TokenizedSplit:
 
 @dataclasses.dataclass(frozen=True)
 class TaskData:
-    """A tokenized task ready for training: label names and the train/validation splits."""
+    """A tokenized task ready for training: label names and the train/validation (and held-out test) splits."""
 
     label_names: list[str]
     train: TokenizedSplit
     validation: TokenizedSplit
+    test: TokenizedSplit | None = None  # None: no held-out split was asked for
 
     @property
     def num_labels(self) -> int:
@@ -132,14 +149,38 @@ def load_task(
     train_size: int | None = None,
     validation_size: int | None = None,
     seed: int = 0,
+    test_size: int | None = 0,
 ) -> TaskData:
-    """Load, split (stratified, seeded) and tokenize a task; see ``stratified_split`` for the sizes."""
-    examples = load_examples(spec)
-    train, validation = stratified_split(examples, train_size, validation_size, seed)
+    """Load, split (stratified, seeded) and tokenize a task; see ``stratified_splits`` for the sizes."""
+    return tokenize_task(split_task(spec, train_size, validation_size, test_size, seed), tokenizer, max_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSplits:
+    """Raw examples of a task split three ways; ``test`` is empty when no held-out split was asked for."""
+
+    train: Examples
+    validation: Examples
+    test: Examples
+
+
+def split_task(
+    spec: TaskSpec, train_size: int | None, validation_size: int | None, test_size: int | None, seed: int
+) -> TaskSplits:
+    """Load and split a task, every problem raised as one ``TaskDataError`` (the driver checks it before it
+    starts anything)."""
+    try:
+        return stratified_splits(load_examples(spec), train_size, validation_size, test_size, seed)
+    except (ValueError, FileNotFoundError) as error:
+        raise TaskDataError(f"task {spec.name}: {error}") from None
+
+
+def tokenize_task(splits: TaskSplits, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TaskData:
     return TaskData(
-        label_names=examples.label_names,
-        train=tokenize_examples(train, tokenizer, max_length),
-        validation=tokenize_examples(validation, tokenizer, max_length),
+        label_names=splits.train.label_names,
+        train=tokenize_examples(splits.train, tokenizer, max_length),
+        validation=tokenize_examples(splits.validation, tokenizer, max_length),
+        test=tokenize_examples(splits.test, tokenizer, max_length) if len(splits.test) else None,
     )
 
 
@@ -154,9 +195,21 @@ def load_examples(spec: TaskSpec) -> Examples:
             f"give one of those names or the path of a {'/'.join(TABLE_EXTENSIONS)} file"
         )
     try:
-        pairs = _read_table(path, spec.text_column, spec.label_column)
+        rows = _read_table(path, spec.text_column, spec.label_column)
     except UnicodeDecodeError as error:
         raise ValueError(f"task file {path} is not UTF-8 text ({error}); save it as UTF-8") from None
+    pairs = [row for row in rows if not isinstance(row, InvalidRow)]
+    invalid = [row for row in rows if isinstance(row, InvalidRow)]
+    if invalid:
+        lines = ", ".join(str(row.line) for row in invalid[:SHOWN_LINES])
+        lines += ", ..." if len(invalid) > SHOWN_LINES else ""
+        summary = f"{path}: {len(invalid)} of {len(rows)} rows have an empty or invalid text or label (lines {lines})"
+        if not spec.skip_invalid_rows:
+            raise ValueError(
+                f"{summary}; first: {invalid[0].problem}; fix or delete them, or set task.skip_invalid_rows: true "
+                "to drop them"
+            )
+        logger.warning("%s; dropped (task.skip_invalid_rows is true)", summary)
     return _examples_from_pairs(pairs, str(path))
 
 
@@ -196,7 +249,18 @@ def _read_text(path: Path) -> str:
     return text.strip()
 
 
-def _read_table(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
+@dataclasses.dataclass(frozen=True)
+class InvalidRow:
+    """A row with an empty or unusable text or label: where it is and what is wrong with it."""
+
+    line: int
+    problem: str
+
+
+Row = tuple[str, str] | InvalidRow
+
+
+def _read_table(path: Path, text_column: str, label_column: str) -> list[Row]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return _read_csv(path, text_column, label_column)
@@ -205,18 +269,18 @@ def _read_table(path: Path, text_column: str, label_column: str) -> list[tuple[s
     raise ValueError(f"task file {path} has unknown extension {path.suffix!r}; use one of {TABLE_EXTENSIONS}")
 
 
-def _read_csv(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
+def _read_csv(path: Path, text_column: str, label_column: str) -> list[Row]:
     with path.open(encoding="utf-8-sig", newline="") as file:
         reader = csv.DictReader(file)
         if reader.fieldnames is None:
             raise ValueError(f"{path} is empty; it needs a header row with columns {text_column!r}, {label_column!r}")
         for column, setting in ((text_column, "text_column"), (label_column, "label_column")):
             _check_column(column, setting, reader.fieldnames, str(path))
-        return [_checked_pair(row, text_column, label_column, f"{path} line {reader.line_num}") for row in reader]
+        return [_checked_pair(row, text_column, label_column, path, reader.line_num) for row in reader]
 
 
-def _read_jsonl(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
-    pairs = []
+def _read_jsonl(path: Path, text_column: str, label_column: str) -> list[Row]:
+    rows: list[Row] = []
     with path.open(encoding="utf-8-sig") as file:
         for line_number, line in enumerate(file, start=1):
             if not line.strip():
@@ -230,8 +294,8 @@ def _read_jsonl(path: Path, text_column: str, label_column: str) -> list[tuple[s
                 raise ValueError(f"{where} is a {type(record).__name__}, not a JSON object; write one object per line")
             for column, setting in ((text_column, "text_column"), (label_column, "label_column")):
                 _check_column(column, setting, list(record), where)
-            pairs.append(_checked_pair(record, text_column, label_column, where))
-    return pairs
+            rows.append(_checked_pair(record, text_column, label_column, path, line_number))
+    return rows
 
 
 def _check_column(column: str, setting: str, columns: list[str], where: str) -> None:
@@ -239,16 +303,16 @@ def _check_column(column: str, setting: str, columns: list[str], where: str) -> 
         raise ValueError(f"{where} has no column {column!r} (columns: {columns}); set {setting} to one of them")
 
 
-def _checked_pair(record: dict[str, Any], text_column: str, label_column: str, where: str) -> tuple[str, str]:
-    """(text, label name) of one row. Blank texts tokenize to nothing and would make zero-width batches, so
-    they are refused here; integer labels become strings."""
+def _checked_pair(record: dict[str, Any], text_column: str, label_column: str, path: Path, line: int) -> Row:
+    """(text, label name) of one row, or what is wrong with it. Blank texts tokenize to nothing and would make
+    zero-width batches, so they are invalid; integer labels become strings."""
     text, label = record[text_column], record[label_column]
+    where = f"{path} line {line}"
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{where}: column {text_column!r} must be a non-empty string (got {text!r}); fix/drop the row")
+        return InvalidRow(line, f"{where}: column {text_column!r} must be a non-empty string (got {text!r})")
     if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
-        raise ValueError(
-            f"{where}: column {label_column!r} must be a non-empty string or an integer (got {label!r}); "
-            "fix/drop the row"
+        return InvalidRow(
+            line, f"{where}: column {label_column!r} must be a non-empty string or an integer (got {label!r})"
         )
     return text, str(label)
 
@@ -279,36 +343,54 @@ def _label_sort_key(name: str) -> tuple[int, int, str]:
 def stratified_split(
     examples: Examples, train_size: int | None, validation_size: int | None, seed: int
 ) -> tuple[Examples, Examples]:
-    """Seeded train/validation split keeping class proportions in both splits.
+    """Seeded train/validation split keeping class proportions in both splits (no held-out test split);
+    see ``stratified_splits``."""
+    splits = stratified_splits(examples, train_size, validation_size, 0, seed)
+    return splits.train, splits.validation
 
-    ``validation_size`` None means ``VALIDATION_FRACTION`` of the data; ``train_size`` None means all the rest.
-    Each class is shuffled with ``seed``; validation takes the front of each class and training the next
-    examples, so the validation set does not depend on ``train_size``. Per class, each split gets its
-    proportional share within one example, and classes that would get none are served first when there are
-    leftover slots.
+
+def stratified_splits(
+    examples: Examples, train_size: int | None, validation_size: int | None, test_size: int | None, seed: int
+) -> TaskSplits:
+    """Seeded train/validation/test split keeping class proportions in every split, the three disjoint.
+
+    ``validation_size`` None means ``VALIDATION_FRACTION`` of the data, ``test_size`` None ``TEST_FRACTION``
+    (0: no test split); ``train_size`` None means all the rest. Each class is shuffled with ``seed``;
+    validation takes the front of each class, test the next examples and training the ones after, so the
+    validation set depends on neither other size and the test set not on ``train_size``. Per class, each
+    split gets its proportional share within one example, and classes that would get none are served first
+    when there are leftover slots.
     """
     total = len(examples)
     validation_size = max(1, int(total * VALIDATION_FRACTION)) if validation_size is None else validation_size
     _check_size(validation_size, "validation_size")
+    test_size = max(1, int(total * TEST_FRACTION)) if test_size is None else test_size
+    if test_size != 0:
+        _check_size(test_size, "test_size")
     if train_size is None:
-        train_size = total - validation_size
+        train_size = total - validation_size - test_size
     else:
         _check_size(train_size, "train_size")
-    if train_size < 1 or train_size + validation_size > total:
+    if train_size < 1 or train_size + validation_size + test_size > total:
+        held_out = f" + test_size {test_size}" if test_size else ""
         raise ValueError(
-            f"train_size {train_size} + validation_size {validation_size} does not fit the {total} examples "
-            f"(each split needs at least 1); lower train_size or validation_size"
+            f"train_size {train_size} + validation_size {validation_size}{held_out} does not fit the {total} "
+            f"examples (each split needs at least 1); lower train_size, validation_size or test_size"
         )
     class_indices = _shuffled_class_indices(examples, seed)
     counts = [len(indices) for indices in class_indices]
     validation_counts = _apportion(validation_size, counts, caps=counts)
-    train_counts = _apportion(train_size, counts, caps=[c - v for c, v in zip(counts, validation_counts)])
+    test_counts = _apportion(test_size, counts, caps=[c - v for c, v in zip(counts, validation_counts)])
+    taken = [v + t for v, t in zip(validation_counts, test_counts)]
+    train_counts = _apportion(train_size, counts, caps=[c - k for c, k in zip(counts, taken)])
     validation = [i for indices, v in zip(class_indices, validation_counts) for i in indices[:v]]
-    train = [i for indices, v, t in zip(class_indices, validation_counts, train_counts) for i in indices[v : v + t]]
+    test = [i for indices, v, k in zip(class_indices, validation_counts, taken) for i in indices[v:k]]
+    train = [i for indices, k, t in zip(class_indices, taken, train_counts) for i in indices[k : k + t]]
     rng = random.Random(seed)  # mix the classes so an unshuffled pass does not see one class at a time
-    rng.shuffle(validation)  # validation first: its order must not depend on train_size either
+    rng.shuffle(validation)  # validation first: its order must not depend on the other sizes
     rng.shuffle(train)
-    return _subset(examples, train), _subset(examples, validation)
+    random.Random(seed + 1).shuffle(test)  # its own stream: train's order does not depend on test_size
+    return TaskSplits(_subset(examples, train), _subset(examples, validation), _subset(examples, test))
 
 
 def _check_size(size: Any, name: str) -> None:

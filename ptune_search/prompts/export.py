@@ -213,7 +213,9 @@ def write_export(
     config = AutoConfig.from_pretrained(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prepare_tokenizer(tokenizer)  # what trials do before tokenizing
-    label_names = load_examples(TaskSpec(task["name"], task["text_column"], task["label_column"])).label_names
+    skip_invalid_rows = bool(search_config.get("task", {}).get("skip_invalid_rows", False))
+    spec = TaskSpec(task["name"], task["text_column"], task["label_column"], skip_invalid_rows)
+    label_names = load_examples(spec).label_names
     manifest = PromptManifest(
         model=model,
         model_path=str(model_path),
@@ -241,6 +243,8 @@ def write_export(
             "run_status": run.info.status,
             "trial_id": run.data.tags.get(TRIAL_TAG),
             "lr": _float_or_none(run.data.params.get("lr")),
+            "prompt_init": run.data.params.get("prompt_init"),
+            "test_accuracy": run.data.metrics.get("test_accuracy"),  # the held-out split, measured after the search
             "task": task,
             "seed": search_config.get("seed"),
             "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -18,21 +18,29 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
+from transformers import AutoTokenizer
 
 from ptune_search.config import ExperimentConfig
-from ptune_search.data import TaskSpec
+from ptune_search.data import TaskData, TaskSpec, split_task, tokenize_task
 from ptune_search.pretrained import resolve_model
 from ptune_search.prompts.mlflow_model import register_search_prompt
 from ptune_search.search.disk_space import OutputDisk, full_disk_reported
 from ptune_search.search.disk_watch import FreeSpaceWatch
+from ptune_search.search.head_sweep import candidate_lrs
+from ptune_search.search.held_out import evaluate_checkpoints_on_test
 from ptune_search.search.report import (
+    HELD_OUT_METRICS,
     asha_rungs,
+    baseline_row,
     best_finished_trial,
+    final_checkpoints,
     trial_curves,
     trial_rows,
+    validation_share,
     write_search_report,
 )
 from ptune_search.search.resumed_settings import CONFIG_FILE, check_resume_settings, flat_settings
+from ptune_search.search.sampler import SearchSpaceSampler, build_sampler, sampler_params
 from ptune_search.search.tracking.outbox import TrackingOutbox
 from ptune_search.search.tracking.records import MlflowTrialCallback, SearchTracker, how_to_open_runs
 from ptune_search.search.tracking.sender import OutboxSender, StoreUnreachable
@@ -48,18 +56,6 @@ SEARCH_NAME, BASELINE_NAME = "search", "baseline"
 TUNE_TRIAL_ID_ATTR = "tune_trial_id"
 OUTBOX_DIR = "mlflow_outbox"  # in output_dir: MLflow records the store has not taken yet
 ABORT_FLUSH_TIMEOUT_S = 30.0  # an interrupted search waits at most this long for the store before it exits
-
-
-class SearchSpaceSampler:
-    """Optuna's define-by-run space (a class, not a closure, so Tune can pickle the searcher on checkpoint)."""
-
-    def __init__(self, tuning_modes: list[str], pre_seq_len: tuple[int, int], lr: tuple[float, float]):
-        self.tuning_modes, self.pre_seq_len, self.lr = tuning_modes, pre_seq_len, lr
-
-    def __call__(self, trial: optuna.Trial) -> None:
-        trial.suggest_categorical("tuning_mode", self.tuning_modes)
-        trial.suggest_int("pre_seq_len", *self.pre_seq_len)
-        trial.suggest_float("lr", *self.lr, log=True)
 
 
 class TruthfulOptunaSearch(OptunaSearch):
@@ -86,10 +82,20 @@ class TruthfulOptunaSearch(OptunaSearch):
                 self._ot_study.tell(ghost.number, state=TrialState.FAIL)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Every evaluation becomes an intermediate value at its optimizer step (Ray's own uses Tune's
+        iteration count), so TPE can weigh a PRUNED trial by how far it got."""
+        if trial_id in self._completed_trials:
+            return
         try:
-            super().on_trial_result(trial_id, result)
+            self._report(trial_id, result)
         except UpdateFinishedTrialError:  # a resumed driver replays a result the study already has
             self._completed_trials.add(trial_id)
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        ot_trial = self._ot_trials[trial_id]
+        step = int(result["step"])
+        if step not in self._ot_study.get_trials(deepcopy=False)[ot_trial.number].intermediate_values:
+            ot_trial.report(float(result[self.metric]), step)
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
@@ -98,6 +104,9 @@ class TruthfulOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         if self._ot_study.get_trials(deepcopy=False)[ot_trial.number].state.is_finished():
             return  # told before the driver was killed; Tune's older snapshot did not know
+        if not error and result and self.metric in result:
+            # The result on which ASHA stopped a trial reaches the searcher here only, never in on_trial_result.
+            self._report(trial_id, result)
         if error:
             self._ot_study.tell(ot_trial, state=TrialState.FAIL)
         elif result and result.get("finished"):
@@ -108,30 +117,41 @@ class TruthfulOptunaSearch(OptunaSearch):
 
 @dataclasses.dataclass(frozen=True)
 class SearchOutcome:
-    best_trial: dict[str, Any]
-    baseline_accuracy: Optional[float]
+    best_trial: dict[str, Any]  # its row, with test_accuracy when the task has a test split
+    baseline: Optional[dict[str, Any]]  # the head-only baseline's row (its chosen lr in baseline_lr)
     trials: list[dict[str, Any]]
     parent_run_id: str
+
+    @property
+    def baseline_accuracy(self) -> Optional[float]:
+        return None if self.baseline is None else self.baseline[METRIC]
 
 
 def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: bool = False) -> SearchOutcome:
     """Run (or with ``resume``, continue) the search that ``config`` describes; returns the best trial.
 
-    Everything that can fail fast (model, external swarm) is checked before a process starts. Ctrl-C stops
-    the search at once (Tune's own SIGINT handler is off) and leaves it resumable with ``resume=True``.
+    Everything that can fail fast (the task's data, the model, an external swarm) is checked before a
+    process starts. Ctrl-C stops the search at once (Tune's own SIGINT handler is off) and leaves it
+    resumable with ``resume=True``.
     """
     if resume:
         check_resume_settings(config)
+    task = config.task
+    spec = TaskSpec(task.name, task.text_column, task.label_column, task.skip_invalid_rows)
+    splits = split_task(spec, task.train_size, task.validation_size, task.test_size, config.seed)
     model_path = str(resolve_model(config.model))
     if config.swarm.mode == "external":
         check_swarm_reachable(config.swarm.initial_peers)
     disk = OutputDisk.for_search(config, model_path)
     disk.check_room_to_start()
+    data = tokenize_task(splits, AutoTokenizer.from_pretrained(model_path), task.max_length)
     with full_disk_reported(disk):
-        return _run_search(config, model_path, address, resume)
+        return _run_search(config, model_path, data, address, resume)
 
 
-def _run_search(config: ExperimentConfig, model_path: str, address: Optional[str], resume: bool) -> SearchOutcome:
+def _run_search(
+    config: ExperimentConfig, model_path: str, data: TaskData, address: Optional[str], resume: bool
+) -> SearchOutcome:
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     # Snapshot the experiment every second (not every 10 s): a killed driver then resumes with at most a
     # second of trial state lost; what it replays, the MLflow callback and the searcher ignore.
@@ -155,22 +175,33 @@ def _run_search(config: ExperimentConfig, model_path: str, address: Optional[str
         try:
             # Trial actors end first (quietly, see TrialActors), then the swarm they use, then Ray.
             with _ray_and_swarm(config, model_path, address) as initial_peers, TrialActors.of_this_driver():
-                settings = _trial_settings(config, model_path, initial_peers)
+                settings = _trial_settings(config, model_path, data, initial_peers)
                 datasets = _task_datasets(config)
-                parent_run_id = tracker.start_parent(
-                    output_dir.name, flat_settings(config.to_dict()), config_file, datasets
-                )
+                params = {**flat_settings(config.to_dict()), **sampler_params(config)}
+                parent_run_id = tracker.start_parent(output_dir.name, params, config_file, datasets)
                 callback = MlflowTrialCallback(outbox, parent_run_id, _static_params(config), datasets)
                 grid = _fit(config, settings, callback, resume)
                 rows = trial_rows(grid, METRIC)
                 curves = trial_curves(grid, rows, METRIC)
                 best = best_finished_trial(rows, METRIC)
-                baseline = None
+                finals = final_checkpoints(grid)
+                baseline, baseline_share = None, None
                 if config.baseline:
                     callback = MlflowTrialCallback(
                         outbox, parent_run_id, _static_params(config), datasets, role="baseline"
                     )
-                    baseline = _run_baseline(config, settings, callback, best["lr"], resume)
+                    baseline_grid = _run_baseline(config, settings, callback, resume)
+                    baseline = baseline_row(baseline_grid, METRIC)
+                    finals.update(final_checkpoints(baseline_grid))
+                    baseline_share = validation_share(baseline_grid)
+                tested = [row for row in (best, baseline) if row is not None]
+                if data.test is not None:
+                    figures = evaluate_checkpoints_on_test(
+                        settings, {row["trial_id"]: finals[row["trial_id"]] for row in tested}, config.resources.cpu
+                    )
+                    for row in tested:
+                        row["test_accuracy"] = figures[row["trial_id"]].accuracy
+                        row["test_loss"] = figures[row["trial_id"]].loss
         except BaseException:
             outbox.append("abort", {})
             if not sender.flush(min(ABORT_FLUSH_TIMEOUT_S, config.mlflow.flush_timeout_s)):
@@ -184,9 +215,20 @@ def _run_search(config: ExperimentConfig, model_path: str, address: Optional[str
         study = optuna.load_study(study_name=SEARCH_NAME, storage=_optuna_storage(output_dir))
         scheduler = config.scheduler
         rungs = asha_rungs(scheduler.grace_period, scheduler.reduction_factor, config.budget.max_steps)
-        report = write_search_report(output_dir, rows, best, study, baseline, METRIC, curves, rungs)
-        summary = {key: [value, int(time.time() * 1000)] for key, value in report.summary.items()}
-        finish = {"parent_run_id": parent_run_id, "best_trial_id": best["trial_id"], "summary": summary}
+        shares = {"validation_share": validation_share(grid), "baseline_validation_share": baseline_share}
+        report = write_search_report(output_dir, rows, best, study, baseline, METRIC, curves, rungs, shares)
+        now = int(time.time() * 1000)
+        summary = {key: [value, now] for key, value in report.summary.items()}
+        trial_metrics = {
+            row["trial_id"]: {key: [row[key], now] for key in HELD_OUT_METRICS if row.get(key) is not None}
+            for row in tested
+        }
+        finish = {
+            "parent_run_id": parent_run_id,
+            "best_trial_id": best["trial_id"],
+            "summary": summary,
+            "trial_metrics": trial_metrics,
+        }
         register = {
             "parent_run_id": parent_run_id,
             "best_trial_id": best["trial_id"],
@@ -216,17 +258,18 @@ def check_swarm_reachable(initial_peers: list[str]) -> None:
     SwarmConnection(initial_peers, startup_timeout=30).close()
 
 
-def _trial_settings(config: ExperimentConfig, model_path: str, initial_peers: list[str]) -> TrialSettings:
-    task, swarm = config.task, config.swarm
+def _trial_settings(
+    config: ExperimentConfig, model_path: str, data: TaskData, initial_peers: list[str]
+) -> TrialSettings:
+    swarm = config.swarm
     return TrialSettings(
         model_path=model_path,
-        task=TaskSpec(task.name, task.text_column, task.label_column),
-        max_length=task.max_length,
-        train_size=task.train_size,
-        validation_size=task.validation_size,
+        task=data,
         max_steps=config.budget.max_steps,
         eval_every=config.budget.eval_every,
         batch_size=config.budget.batch_size,
+        eval_batch_size=config.budget.eval_batch_size,
+        rung_validation_size=config.budget.rung_validation_size,
         seed=config.seed,
         swarm=ClientConfig(
             initial_peers=initial_peers,
@@ -239,8 +282,8 @@ def _trial_settings(config: ExperimentConfig, model_path: str, initial_peers: li
 
 def _task_datasets(config: ExperimentConfig) -> list[TaskDatasetInput]:
     task = config.task
-    spec = TaskSpec(task.name, task.text_column, task.label_column)
-    return task_dataset_inputs(spec, task.train_size, task.validation_size, config.seed)
+    spec = TaskSpec(task.name, task.text_column, task.label_column, task.skip_invalid_rows)
+    return task_dataset_inputs(spec, task.train_size, task.validation_size, config.seed, task.test_size)
 
 
 def _optuna_storage(output_dir: Path) -> optuna.storages.RDBStorage:
@@ -259,14 +302,11 @@ def _fit(
         tuner = tune.Tuner.restore(str(run_path), trainable, resume_errored=True)
         # The run config comes back with the run; its MLflow callback reattaches to this driver's open outbox.
         return tuner.fit()
-    space = config.search_space
     searcher = TruthfulOptunaSearch(
-        space=SearchSpaceSampler(
-            list(space.tuning_modes), (space.pre_seq_len.low, space.pre_seq_len.high), (space.lr.low, space.lr.high)
-        ),
+        space=SearchSpaceSampler.of(config),
         metric=METRIC,
         mode=MODE,
-        sampler=optuna.samplers.TPESampler(seed=config.seed),
+        sampler=build_sampler(config),
         storage=_optuna_storage(config.output_dir),
         study_name=SEARCH_NAME,
     )
@@ -294,9 +334,10 @@ def _fit(
 
 
 def _run_baseline(
-    config: ExperimentConfig, settings: TrialSettings, callback: MlflowTrialCallback, lr: float, resume: bool
-) -> float:
-    """Head only, no prompts, the same step budget and the best trial's learning rate."""
+    config: ExperimentConfig, settings: TrialSettings, callback: MlflowTrialCallback, resume: bool
+) -> tune.ResultGrid:
+    """Head only, no prompts, the same step budget; its learning rate is chosen on validation among
+    ``budget.baseline_lrs`` candidates spread over the searched lr range (see ``head_sweep``)."""
     storage_path = str(config.output_dir / "ray")
     run_path = Path(storage_path) / BASELINE_NAME
     trainable = _trainable(config, settings)
@@ -305,13 +346,18 @@ def _run_baseline(
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"tuning_mode": None, "pre_seq_len": 0, "lr": lr},
+            param_space={"tuning_mode": None, "pre_seq_len": 0, "baseline_lrs": _baseline_lrs(config)},
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=1),
             run_config=_run_config(
                 BASELINE_NAME, storage_path, callback, config.budget.max_failures, _disk(config, settings)
             ),
         )
-    return tuner.fit().get_best_result(METRIC, MODE, scope="last").metrics[METRIC]
+    return tuner.fit()
+
+
+def _baseline_lrs(config: ExperimentConfig) -> list[float]:
+    lr = config.search_space.lr
+    return candidate_lrs(lr.low, lr.high, config.budget.baseline_lrs)
 
 
 def _disk(config: ExperimentConfig, settings: TrialSettings) -> OutputDisk:
@@ -334,7 +380,7 @@ def _run_config(
         checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True),
         failure_config=tune.FailureConfig(max_failures=max_failures),
         progress_reporter=tune.CLIReporter(
-            parameter_columns=["tuning_mode", "pre_seq_len", "lr"],
+            parameter_columns=["tuning_mode", "pre_seq_len", "lr", "prompt_init"],
             metric_columns=["step", "train_loss", "val_loss", "val_accuracy", "tokens_per_s"],
             max_report_frequency=30,
         ),
@@ -350,6 +396,7 @@ def _static_params(config: ExperimentConfig) -> dict[str, Any]:
         "batch_size": budget.batch_size,
         "max_steps": budget.max_steps,
         "eval_every": budget.eval_every,
+        "rung_validation_size": budget.rung_validation_size,
         "seed": config.seed,
     }
 

@@ -39,30 +39,54 @@ class TrialCurve:
     status: str
 
 
+HELD_OUT_METRICS = ("test_accuracy", "test_loss")
+MAX_ERROR_CHARS = 500  # of a trial error quoted in the summary
+
+
+class SearchFailed(RuntimeError):
+    """No trial finished its budget; the message names the first trial error."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchReport:
     summary: dict[str, float]
     files: list[Path]
 
 
+def trial_id_of(result: tune.Result) -> str:
+    return (result.metrics or {}).get("trial_id", Path(result.path).name)
+
+
+def error_summary(error: BaseException) -> str:
+    """The last line of an error (Ray wraps a trial's exception in a traceback; its last line names it)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    return text[:MAX_ERROR_CHARS]
+
+
 def trial_rows(grid: tune.ResultGrid, metric: str) -> list[dict[str, Any]]:
+    """One row per trial; a trial that never started (its actor failed) has no config and no metrics."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
+        config = result.config or {}
         if result.error is not None:
             status = "failed"
         else:
             status = "finished" if metrics.get("finished") else "stopped early"
         rows.append(
             {
-                "trial_id": metrics.get("trial_id", Path(result.path).name),
-                "tuning_mode": result.config.get("tuning_mode"),
-                "pre_seq_len": result.config.get("pre_seq_len"),
-                "lr": result.config.get("lr"),
+                "trial_id": trial_id_of(result),
+                "tuning_mode": config.get("tuning_mode"),
+                "pre_seq_len": config.get("pre_seq_len"),
+                "lr": config.get("lr"),
+                "prompt_init": config.get("prompt_init"),
                 "step": metrics.get("step"),
                 "val_loss": metrics.get("val_loss"),
                 metric: metrics.get(metric),
+                "test_accuracy": None,
                 "status": status,
+                "error": error_summary(result.error) if result.error is not None else None,
             }
         )
     return rows
@@ -118,12 +142,41 @@ def plot_curves(curves: list[TrialCurve], rungs: list[int], metric: str) -> go.F
     return figure
 
 
+def baseline_row(grid: tune.ResultGrid, metric: str) -> dict[str, Any]:
+    """The baseline's row, with the learning rate its head sweep chose; a failed baseline stops the search."""
+    row = trial_rows(grid, metric)[0]
+    if row["status"] != "finished":
+        raise SearchFailed(f"the head-only baseline did not finish: {row['error'] or row['status']}")
+    row["lr"] = next(iter(grid)).metrics["baseline_lr"]
+    return row
+
+
+def final_checkpoints(grid: tune.ResultGrid) -> dict[str, tuple[dict[str, Any], tune.Checkpoint]]:
+    """Trial id -> (its Tune config, its last checkpoint), for trials that have one."""
+    return {trial_id_of(r): (r.config, r.checkpoint) for r in grid if r.config is not None and r.checkpoint}
+
+
+def validation_share(grid: tune.ResultGrid) -> Optional[float]:
+    """Of the time trials spent on training and validation, the share validation took (every result)."""
+    train = validation = 0.0
+    for result in grid:
+        history = result.metrics_dataframe
+        if history is not None and {"train_s", "eval_s"} <= set(history.columns):
+            train += float(history["train_s"].sum())
+            validation += float(history["eval_s"].sum())
+    return validation / (train + validation) if train + validation > 0 else None
+
+
 def best_finished_trial(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """The best trial that ran its whole budget: an early-stopped trial's value is not comparable."""
+    """The best trial that ran its whole budget (an early-stopped trial's value is not comparable); equal
+    accuracies are told apart by the lower validation loss."""
     finished = [row for row in rows if row["status"] == "finished" and row[metric] is not None]
     if not finished:
-        raise RuntimeError("no trial finished its budget; see the trial errors above")
-    return max(finished, key=lambda row: row[metric])
+        failed = [row for row in rows if row["status"] == "failed"]
+        first_error = next((row["error"] for row in failed if row["error"]), None)
+        cause = f"; the first trial error: {first_error}" if first_error else ""
+        raise SearchFailed(f"no trial finished its budget ({len(failed)} of {len(rows)} failed){cause}")
+    return max(finished, key=lambda row: (row[metric], -(row["val_loss"] if row["val_loss"] is not None else 0.0)))
 
 
 def write_search_report(
@@ -131,13 +184,18 @@ def write_search_report(
     rows: list[dict[str, Any]],
     best: dict[str, Any],
     study: optuna.Study,
-    baseline_accuracy: Optional[float],
+    baseline: Optional[dict[str, Any]],
     metric: str,
     curves: list[TrialCurve],
     rungs: list[int],
+    shares: dict[str, Optional[float]],
 ) -> SearchReport:
-    """Write ``trials.csv``, Optuna's plots and the curves plot (HTML) to ``output_dir``; print the summary."""
-    table = pd.DataFrame(rows).sort_values(metric, ascending=False, na_position="last")
+    """Write ``trials.csv``, Optuna's plots and the curves plot (HTML) to ``output_dir``; print the summary.
+
+    Validation figures chose the best trial; test figures (held out) are the ones to quote.
+    """
+    table = pd.DataFrame(rows + ([{**baseline, "status": "baseline"}] if baseline else []))
+    table = table.sort_values(metric, ascending=False, na_position="last")
     csv_file = output_dir / "trials.csv"
     table.to_csv(csv_file, index=False)
     files = [csv_file]
@@ -150,13 +208,29 @@ def write_search_report(
         except (ValueError, RuntimeError) as error:  # e.g. importances need two finished trials
             logger.warning("skipped %s: %s", name, error)
     summary = {f"best_{metric}": float(best[metric])}
-    if baseline_accuracy is not None:
-        summary[f"baseline_{metric}"] = float(baseline_accuracy)
-    print("\nTrials:\n" + table.to_string(index=False))
+    if best.get("test_accuracy") is not None:
+        summary["best_test_accuracy"] = float(best["test_accuracy"])
+    if baseline is not None:
+        summary[f"baseline_{metric}"] = float(baseline[metric])
+        summary["baseline_lr"] = float(baseline["lr"])
+        if baseline.get("test_accuracy") is not None:
+            summary["baseline_test_accuracy"] = float(baseline["test_accuracy"])
+    summary.update({key: float(value) for key, value in shares.items() if value is not None})
+    shown = table.drop(columns=["error"]) if table["error"].isna().all() else table
+    print("\nTrials:\n" + shown.to_string(index=False))
     print(
         f"\nBest trial: {best['trial_id']} ({best['tuning_mode']}, pre_seq_len={best['pre_seq_len']}, "
-        f"lr={best['lr']:.2e}) {metric}={best[metric]:.4f}"
+        f"lr={best['lr']:.2e}, init {best['prompt_init']}) {metric}={best[metric]:.4f}{_test(best)}"
     )
-    if baseline_accuracy is not None:
-        print(f"Head-only baseline with the same budget: {metric}={baseline_accuracy:.4f}")
+    if baseline is not None:
+        print(
+            f"Head-only baseline with the same budget (its own lr {baseline['lr']:.2e}): "
+            f"{metric}={baseline[metric]:.4f}{_test(baseline)}"
+        )
+    if shares.get("validation_share") is not None:
+        print(f"Validation took {shares['validation_share']:.1%} of the trials' training + validation time")
     return SearchReport(summary, files)
+
+
+def _test(row: dict[str, Any]) -> str:
+    return f", test_accuracy={row['test_accuracy']:.4f}" if row.get("test_accuracy") is not None else ""

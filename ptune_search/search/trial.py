@@ -1,8 +1,12 @@
 """One search trial: a Ray Tune actor that trains prompts and a head through the swarm.
 
-A Tune iteration is ``eval_every`` optimizer steps followed by an evaluation on the validation split.
-Checkpoints hold the prompts, the head, the optimizer state and the step counter, so a retried trial
-continues where it stopped, on the same data order.
+A Tune iteration is ``eval_every`` optimizer steps followed by an evaluation on the validation split (a
+fixed subset of it at the rungs before the last, the whole split at the end). Checkpoints hold the
+prompts, the head, the optimizer state and the step counter, so a retried trial continues where it
+stopped, on the same data order; its prompt init is part of its config, so it keeps it.
+
+A trial without a tuning mode is the head-only baseline: it trains one head per candidate learning rate
+(``baseline_lrs``) on the same features and reports the best on validation (see ``head_sweep``).
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ from ray import tune
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from ptune_search.data import TaskSpec, load_task
+from ptune_search.data import TaskData
 from ptune_search.models.distributed import DistributedForSequenceClassification
+from ptune_search.models.prompt_init import apply_prompt_init, initial_prompt_tokens
 from ptune_search.models.ptune import PTuneConfig
 from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 from ptune_search.prompts.prompt_folder import HEAD_FILE, PROMPT_FILE, PTUNE_CONFIG_FILE
+from ptune_search.search.head_sweep import HeadSweep
 from ptune_search.search.training import evaluate, train_step, trainable_parameters
 from ptune_search.swarm.client.client_config import ClientConfig
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trial_state.json"
+SWEEP_FILE = "baseline_heads.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,14 +42,13 @@ class TrialSettings:
     """What every trial of one search shares; the searched values come in the Tune config."""
 
     model_path: str
-    task: TaskSpec
-    max_length: int
-    train_size: Optional[int]
-    validation_size: Optional[int]
+    task: TaskData  # loaded, checked and tokenized once, by the driver
     max_steps: int
     eval_every: int
     batch_size: int
     seed: int
+    eval_batch_size: int = 32
+    rung_validation_size: Optional[int] = None  # None: every evaluation uses the whole validation split
     swarm: Optional[ClientConfig] = None  # how trials reach the swarm; None: blocks in the trial's own process
 
 
@@ -64,19 +70,27 @@ def ptune_config_of(searched: dict[str, Any]) -> PTuneConfig:
     return PTuneConfig(pre_seq_len=int(searched["pre_seq_len"]) if mode else 0, tuning_mode=mode)
 
 
+def prompt_init_tokens(init: str, ptune: PTuneConfig, tokenizer: Any, task: TaskData, seed: int) -> Optional[list[int]]:
+    """The tokens a trial's prompt starts from (see ``models.prompt_init``); the same for a retried trial."""
+    train = task.train
+    return initial_prompt_tokens(
+        init, ptune.pre_seq_len, tokenizer, task.label_names, train.input_ids, train.attention_mask, seed
+    )
+
+
 class PromptTuningTrial(tune.Trainable):
-    """Tune config: ``tuning_mode``, ``pre_seq_len``, ``lr``; ``settings`` comes via ``tune.with_parameters``."""
+    """Tune config: ``tuning_mode``, ``pre_seq_len``, ``lr``, ``prompt_init`` (or ``baseline_lrs`` for the
+    head-only baseline); ``settings`` comes via ``tune.with_parameters``."""
 
     def setup(self, config: dict[str, Any], settings: TrialSettings) -> None:
         self.setup_started = time.time()
-        torch.set_num_threads(max(1, int(self.trial_resources.required_resources.get("CPU", 1))))
+        resources = self.trial_resources  # None outside Tune (a trial built directly, as in tests)
+        torch.set_num_threads(max(1, int(resources.required_resources.get("CPU", 1) if resources else 1)))
         torch.manual_seed(settings.seed)
         self.settings = settings
         self.ptune = ptune_config_of(config)
+        self.task = settings.task
         tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
-        self.task = load_task(
-            settings.task, tokenizer, settings.max_length, settings.train_size, settings.validation_size, settings.seed
-        )
         self.model = build_classifier(
             settings.model_path,
             self.task.num_labels,
@@ -84,7 +98,16 @@ class PromptTuningTrial(tune.Trainable):
             self.ptune,
             settings.swarm,
         )
-        self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=config["lr"])
+        if self.ptune.tuning_mode:
+            init = config.get("prompt_init", "random")
+            apply_prompt_init(
+                self.model.model, prompt_init_tokens(init, self.ptune, tokenizer, self.task, settings.seed)
+            )
+        self.sweep = HeadSweep(self.model, config["baseline_lrs"]) if config.get("baseline_lrs") else None
+        if self.sweep is not None:
+            self.optimizer = self.sweep.optimizer
+        else:
+            self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=config["lr"])
         self.steps_done = 0
         self.latest_result: dict[str, Any] = {}
         self.batches = self.task.train_batches(settings.batch_size, settings.seed)
@@ -97,21 +120,29 @@ class PromptTuningTrial(tune.Trainable):
         window = min(settings.eval_every, settings.max_steps - self.steps_done)
         losses, tokens, started = [], 0, time.perf_counter()
         for _ in range(window):
-            result = train_step(self.model, self.optimizer, next(self.batches))
+            batch = next(self.batches)
+            result = self.sweep.train_step(batch) if self.sweep else train_step(self.model, self.optimizer, batch)
             losses.append(result.loss)
             tokens += result.tokens
         train_seconds = time.perf_counter() - started
         self.steps_done += window
-        started = time.perf_counter()
-        evaluation = evaluate(self.model, self.task.validation, settings.batch_size)
-        eval_seconds = time.perf_counter() - started
         finished = self.steps_done >= settings.max_steps
+        validation = self.task.validation if finished else self.task.validation.head(settings.rung_validation_size)
+        started = time.perf_counter()
+        extra: dict[str, Any] = {}
+        if self.sweep is not None:
+            chosen, evaluation = self.sweep.evaluate(validation, settings.eval_batch_size)
+            extra["baseline_lr"] = self.sweep.lrs[chosen]
+        else:
+            evaluation = evaluate(self.model, validation, settings.eval_batch_size)
+        eval_seconds = time.perf_counter() - started
         self.latest_result = {
             "step": self.steps_done,
             "train_loss": sum(losses) / len(losses),
             "train_losses": losses,
             "val_loss": evaluation.loss,
             "val_accuracy": evaluation.accuracy,
+            "val_examples": len(validation),
             "tokens_per_s": tokens / train_seconds,
             "train_tokens": tokens,
             # where a trial's time goes (benchmarks/search_efficiency.py): its actor's setup, then per result
@@ -120,6 +151,7 @@ class PromptTuningTrial(tune.Trainable):
             "train_s": train_seconds,
             "eval_s": eval_seconds,
             "reported_at": time.time(),
+            **extra,
             "finished": finished,
             "done": finished,
         }
@@ -134,6 +166,8 @@ class PromptTuningTrial(tune.Trainable):
         (folder / PTUNE_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.ptune)))
         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
         (folder / STATE_FILE).write_text(json.dumps({"step": self.steps_done, "latest_result": self.latest_result}))
+        if self.sweep is not None:
+            save_file(self.sweep.state_dict(), folder / SWEEP_FILE)
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         folder = Path(checkpoint_dir)
@@ -141,6 +175,8 @@ class PromptTuningTrial(tune.Trainable):
         unexpected = self.model.load_state_dict(tensors, strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"checkpoint {folder} holds tensors this trial's model lacks: {unexpected}")
+        if self.sweep is not None:
+            self.sweep.load_state_dict(load_file(folder / SWEEP_FILE))
         self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE))
         state = json.loads((folder / STATE_FILE).read_text())
         self.steps_done, self.latest_result = state["step"], state["latest_result"]

@@ -44,8 +44,8 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"
 # per-browser setting that only the URL query WORKFLOW_QUERY overrides (see experiment_runs_url).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 WORKFLOW_QUERY = "workflowType=machine_learning"
-SEARCHED_PARAMS = ("tuning_mode", "pre_seq_len", "lr")
-STEP_METRICS = ("val_loss", "val_accuracy", "tokens_per_s")
+SEARCHED_PARAMS = ("tuning_mode", "pre_seq_len", "lr", "prompt_init")
+STEP_METRICS = ("val_loss", "val_accuracy", "tokens_per_s", "baseline_lr")
 
 
 def project_git_commit() -> str:
@@ -165,6 +165,8 @@ class SearchTracker:
             case "register_model":
                 self.register_model(args["parent_run_id"], args["best_trial_id"], args["registered_model_name"])
             case "finish_parent":
+                for trial_id, metrics in args.get("trial_metrics", {}).items():
+                    self.log_final_metrics(trial_id, metrics)
                 self.finish_parent(args["parent_run_id"], args["best_trial_id"], args["summary"], list(record.files))
             case "abort":
                 self.abort()
@@ -220,6 +222,14 @@ class SearchTracker:
         for file in artifacts:
             self.client.log_artifact(run_id, str(file))
         self.client.set_terminated(run_id, status=RunStatus.to_string(status))
+
+    def log_final_metrics(self, trial_id: str, metrics: dict[str, list]) -> None:
+        """Figures measured after the search (the held-out test split) on a trial's run, each once."""
+        run_id = self._trial_run(trial_id)
+        logged = self.client.get_run(run_id).data.metrics
+        batch = [Metric(k, float(v), int(ts), 0) for k, (v, ts) in metrics.items() if logged.get(k) != v]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
 
     def finish_parent(
         self, parent_run_id: str, best_trial_id: Optional[str], summary: dict[str, list], files: list[Path]

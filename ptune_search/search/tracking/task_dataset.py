@@ -51,13 +51,21 @@ class TaskDatasetInput:
 
 
 def task_dataset_inputs(
-    spec: "TaskSpec", train_size: Optional[int], validation_size: Optional[int], seed: int
+    spec: "TaskSpec",
+    train_size: Optional[int],
+    validation_size: Optional[int],
+    seed: int,
+    test_size: Optional[int] = 0,
 ) -> list[TaskDatasetInput]:
-    """The train and validation splits a trial of this task uses, split as trials split them."""
-    from ptune_search.data import load_examples, stratified_split
+    """The train and validation splits a trial of this task uses (and the held-out test split, when there is
+    one), split as the search splits them."""
+    from ptune_search.data import load_examples, stratified_splits
 
     examples = load_examples(spec)
-    splits = dict(zip(("train", "validation"), stratified_split(examples, train_size, validation_size, seed)))
+    parts = stratified_splits(examples, train_size, validation_size, test_size, seed)
+    splits = {"train": parts.train, "validation": parts.validation}
+    if len(parts.test):
+        splits["test"] = parts.test
     sizes = {context: len(split) for context, split in splits.items()}
     name = spec.name if _is_packaged(spec) else Path(spec.name).name
     source_type, source = _source(spec)
