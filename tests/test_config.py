@@ -44,15 +44,17 @@ def test_default_experiment_parses_with_the_budget_of_the_brief() -> None:
     config = load_config(DEFAULT, check_paths=packaged)
     assert config.model == "smollm2-135m"
     assert (config.task.name, config.task.max_length) == ("bbc_news", 64)
-    assert (config.task.train_size, config.task.validation_size) == (600, 150)
+    assert (config.task.train_size, config.task.validation_size, config.task.test_size) == (600, 150, 300)
     assert (config.swarm.mode, config.swarm.servers, config.swarm.replicas) == ("local", 2, 1)
-    assert config.search_space.tuning_modes == ["ptune", "deep_ptune"]
-    assert (config.search_space.pre_seq_len.low, config.search_space.pre_seq_len.high) == (4, 32)
-    assert (config.search_space.lr.low, config.search_space.lr.high) == (1e-3, 3e-2)
+    assert config.search_space.tuning_modes == ["deep_ptune", "ptune"]
+    assert (config.search_space.pre_seq_len.low, config.search_space.pre_seq_len.high) == (8, 32)
+    assert (config.search_space.lr.low, config.search_space.lr.high) == (5e-3, 5e-2)
+    assert config.search_space.prompt_init == ["labels"]
+    assert (config.search.sampler, config.search.startup_trials(config.budget.num_samples)) == ("tpe", 2)
     budget = config.budget
-    assert (budget.num_samples, budget.max_steps, budget.eval_every, budget.batch_size) == (6, 30, 10, 8)
-    assert budget.max_concurrent_trials == 2
-    assert (config.scheduler.grace_period, config.scheduler.reduction_factor) == (10, 2)
+    assert (budget.num_samples, budget.max_steps, budget.eval_every, budget.batch_size) == (6, 60, 15, 8)
+    assert (budget.max_concurrent_trials, budget.rung_validation_size, budget.baseline_lrs) == (2, 50, 4)
+    assert (config.scheduler.grace_period, config.scheduler.reduction_factor) == (15, 2)
     assert config.baseline is True and config.seed == 0
     assert config.mlflow.experiment_name == "smollm2-bbc-news"
     assert config.output_dir == Path.cwd() / "runs" / "smollm2_bbc_news"
