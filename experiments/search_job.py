@@ -55,6 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from ptune_search.config import ConfigError, load_config
+    from ptune_search.data import TaskDataError
     from ptune_search.search.driver import run_search
 
     try:
@@ -73,12 +74,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if config.tracking_uri.startswith(("http://", "https://")):
         wait_for_mlflow(config.tracking_uri)
     prepare_model_on_every_node(config.model, args.address)
-    outcome = run_search(config, address=args.address, resume=args.resume)
+    try:
+        outcome = run_search(config, address=args.address, resume=args.resume)
+    except TaskDataError as error:  # checked in the driver before the search starts anything
+        print(f"search_job.py: {error}", file=sys.stderr)
+        sys.exit(2)
     print(
         json.dumps(
             {
                 "best_trial": outcome.best_trial,
                 "baseline_accuracy": outcome.baseline_accuracy,
+                "baseline_test_accuracy": (outcome.baseline or {}).get("test_accuracy"),
                 "parent_run_id": outcome.parent_run_id,
                 "tracking_uri": config.tracking_uri,
             },

@@ -65,11 +65,12 @@ def test_skip_invalid_rows_drops_them_with_a_warning(tmp_path):
 
 @pytest.mark.slow
 def test_a_search_whose_every_trial_fails_ends_with_one_summary(run_search, tmp_path):
-    # a learning rate of 1e20 makes the second step's loss infinite: every trial raises FloatingPointError
+    # the tiny model's byte-level vocabulary has fewer than 300 tokens: every trial's 'vocab' init raises
     search = run_search(
         [
-            "search_space.lr.low=1.0e+20",
-            "search_space.lr.high=1.0e+21",
+            "search_space.prompt_init=[vocab]",
+            "search_space.pre_seq_len.low=300",
+            "search_space.pre_seq_len.high=301",
             "budget.num_samples=2",
             "budget.max_failures=0",
             "baseline=false",
@@ -78,6 +79,6 @@ def test_a_search_whose_every_trial_fails_ends_with_one_summary(run_search, tmp_
     assert search.wait(timeout=600) == 1, search.log()[-3000:]
     last_line = search.log().strip().splitlines()[-1]
     assert last_line.startswith("ptune-search search: error: no trial finished its budget (2 of 2 failed)")
-    assert "FloatingPointError: training loss is" in last_line
+    assert "the first trial error: ValueError: prompt init 'vocab' needs 30" in last_line
     assert "trial_rows" not in search.log() and "AttributeError" not in search.log()
     assert_no_survivors(search)
