@@ -1,0 +1,57 @@
+"""README.md's Python blocks run as written, in a folder set up as a reader's is after the commands before them.
+
+At hand: ``path`` and ``model_dir`` (the checkpoint), ``peers`` (a swarm serving it, also in ``peers.txt``),
+``best-prompt/`` (the best prompt of a search, exported), ``DIR/`` (a ``ptune`` prompt as a PEFT adapter) and
+``runs/smollm2_bbc_news/mlflow.db`` (the search's store, its best prompt registered as ``smollm2-bbc-news``).
+The tiny search of experiments/tiny.yaml stands in for the embedded default, except in the block that
+prepares SmolLM2 itself.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ptune_search.prompts.export import export_prompt
+from ptune_search.prompts.peft_adapter import write_peft_adapter
+from ptune_search.prompts.prompt_folder import ExportedPrompt
+from ptune_search.swarm.launcher import LocalSwarm, write_peers_file
+from tests.export.handmade_prompt import handmade_prompt
+
+pytestmark = pytest.mark.slow
+
+MODEL_NAME = "smollm2-bbc-news"
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.DOTALL | re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def reader_folder(search_output: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict]]:
+    folder = tmp_path_factory.mktemp("reader")
+    store = folder / "runs" / "smollm2_bbc_news"
+    shutil.copytree(search_output, store, ignore=shutil.ignore_patterns("ray"))
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    register = ["ptune-search", "export", "--tracking-uri", uri, "--experiment", "tiny", "--register", MODEL_NAME]
+    subprocess.run(register, check=True, capture_output=True)  # as the reader does, in a process of its own
+    manifest = export_prompt(uri, folder / "best-prompt", experiment="tiny").manifest
+    path = manifest.model_path
+    write_peft_adapter(ExportedPrompt.read(handmade_prompt(Path(path), folder / "ptune", "ptune", 3)), folder / "DIR")
+    with LocalSwarm(path, servers=2) as swarm:
+        write_peers_file(folder / "peers.txt", swarm.initial_peers)
+        yield folder, {"path": path, "model_dir": path, "peers": swarm.initial_peers}
+
+
+def test_the_readme_has_python_blocks() -> None:
+    assert len(BLOCKS) >= 4
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"block-{i + 1}" for i in range(len(BLOCKS))])
+def test_readme_python_block_runs(block: str, reader_folder: tuple[Path, dict], monkeypatch) -> None:
+    folder, names = reader_folder
+    monkeypatch.chdir(folder)
+    exec(compile(block, str(README), "exec"), dict(names))
