@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from ptune_search.data import TaskSpec, load_examples
 from ptune_search.models import DistributedLlamaForSequenceClassification
 from ptune_search.models.fingerprint import model_fingerprint
+from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.prompts.export import EXPORTED_TO_TAG, ExportResult, export_prompt
 from ptune_search.prompts.predict import PromptClassifier, format_prediction
@@ -23,6 +24,7 @@ from ptune_search.search.tracking.records import ROLE_TAG
 from ptune_search.search.training import evaluate
 from tests.export.fake_stores import stalled_and_broken_store
 from tests.export.trial_replay import replay_final_evaluation, search_task
+from tests.models.tiny_families import make_tiny_checkpoint
 from tests.search.search_process import REPO
 
 pytestmark = pytest.mark.slow
@@ -69,6 +71,7 @@ def test_export_writes_the_best_finished_trial_with_its_manifest(exported: Expor
     assert manifest.label_names == load_examples(TaskSpec("bbc_news")).label_names
     assert (manifest.tokenizer.max_length, manifest.tokenizer.padding_side) == (32, "right")
     assert manifest.model == "tiny-llama" and manifest.model_fingerprint == model_fingerprint(manifest.model_path)
+    assert manifest.model_type == "llama" and manifest.model_fingerprint.startswith("llama/sha256:")
     assert sorted(p.name for p in exported.folder.iterdir()) == sorted([MANIFEST_FILE, PROMPT_FILE, HEAD_FILE])
 
 
@@ -220,6 +223,12 @@ def test_a_prompt_for_another_model_is_refused(exported: ExportResult, tmp_path:
     other = make_tiny_llama(tmp_path / "other-llama", **other_model)
     with pytest.raises(ValueError, match=problem):
         DistributedLlamaForSequenceClassification.from_pretrained(other, prompt=exported.folder, local_blocks=True)
+
+
+def test_a_prompt_for_another_family_is_refused_naming_both(exported: ExportResult, tmp_path: Path):
+    other = make_tiny_checkpoint(tmp_path / "tiny-qwen3", "qwen3")
+    with pytest.raises(ValueError, match="was tuned on a llama model .* but checkpoint .* is a qwen3 model"):
+        AutoDistributedModelForSequenceClassification.from_pretrained(other, prompt=exported.folder, local_blocks=True)
 
 
 def test_a_manifest_naming_another_model_is_refused(prompt_copy: Path, exported: ExportResult):

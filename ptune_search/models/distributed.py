@@ -30,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput, Seque
 
 from ptune_search.models.checkpoint import read_tensors
 from ptune_search.models.decoder_span import DecoderBlockSpan
+from ptune_search.models.fingerprint import model_fingerprint
 from ptune_search.models.padding import RightPadding, last_token_index
 from ptune_search.models.ptune import PTuneMixin, validate_ptune_settings
 
@@ -132,6 +133,10 @@ class DistributedModel(LoadableFromCheckpoint, PTuneMixin, nn.Module):
     def make_input_norm(cls, config: PreTrainedConfig) -> Optional[nn.Module]:
         return None
 
+    @classmethod
+    def check_config(cls, config: PreTrainedConfig) -> None:
+        """Raise ValueError for a checkpoint of the family that this folder cannot run (most run them all)."""
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
@@ -232,10 +237,11 @@ class DistributedForSequenceClassification(DistributedHeadModel):
 
 
 def distributed_config(
-    config_class: type[PreTrainedConfig], path: str | Path, config: Optional[PreTrainedConfig], settings: dict[str, Any]
+    family: type[DistributedModel], path: str | Path, config: Optional[PreTrainedConfig], settings: dict[str, Any]
 ) -> PreTrainedConfig:
     """The family's config from ``config`` (or the checkpoint's) with ``settings`` applied; unknown settings,
     unusable prompt-tuning settings and a checkpoint of another family are refused here."""
+    config_class = family.config_class
     base = config if config is not None else AutoConfig.from_pretrained(path)
     if base.model_type != config_class.model_type:
         raise ValueError(
@@ -247,6 +253,7 @@ def distributed_config(
         raise TypeError(f"unknown settings {sorted(unused)}: not fields of {config_class.__name__}")
     validate_ptune_settings(resolved.tuning_mode, resolved.pre_seq_len)
     resolved._name_or_path = resolved._name_or_path or str(path)  # a config class's own from_pretrained drops it
+    family.check_config(resolved)
     return resolved
 
 
@@ -260,22 +267,28 @@ def _load(
 ) -> nn.Module:
     """Build ``cls`` with its block chain and load the client-side weights from the checkpoint at ``path``."""
     family = cls.base_class
-    config = distributed_config(family.config_class, path, config, settings)
+    config = distributed_config(family, path, config, settings)
     if local_blocks and config.initial_peers:
         raise ValueError("pass either local_blocks=True or initial_peers=[...], not both")
     if local_blocks:
         block_chain = family.span_class.from_checkpoint(path, config, 0, config.num_hidden_layers, dtype)
     elif config.initial_peers:
         from ptune_search.swarm.client.remote_chain import RemoteBlockChain
+        from ptune_search.swarm.protocol import ServedModel
 
-        block_chain = RemoteBlockChain.connect(config)
+        served = ServedModel(config.model_type, model_fingerprint(path))
+        block_chain = RemoteBlockChain.connect(config, model=served)
     else:
         raise ValueError(
             "where do the transformer blocks run? pass local_blocks=True to run them in this process, "
             "or initial_peers=[multiaddr, ...] to use a swarm of block servers"
         )
-    model = cls(config, block_chain, dtype)
-    _load_client_weights(model, path)
+    try:
+        model = cls(config, block_chain, dtype)
+        _load_client_weights(model, path)
+    except BaseException:
+        getattr(block_chain, "close", lambda: None)()  # leave the swarm: nobody else holds the connection
+        raise
     _freeze_all_but_prompts_and_head(model)
     return model
 

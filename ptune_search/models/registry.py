@@ -19,17 +19,7 @@ import dataclasses
 import importlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedConfig
-
-    from ptune_search.models.decoder_span import DecoderBlockSpan
-    from ptune_search.models.distributed import (
-        DistributedForCausalLM,
-        DistributedForSequenceClassification,
-        DistributedModel,
-    )
+from typing import Any, Optional
 
 FAMILY_MODULES = {
     model_type: f"ptune_search.models.{model_type}"
@@ -49,21 +39,23 @@ class UnsupportedModelError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelFamily:
-    """A family's client classes; its model class names its config and block span classes."""
+    """A family's client classes (``Distributed<Family>ForSequenceClassification`` and ``...ForCausalLM``);
+    its model class names its config and block span classes. Typed loosely: this module imports no model
+    code, the family folders import it."""
 
-    classifier_class: type["DistributedForSequenceClassification"]
-    causal_lm_class: type["DistributedForCausalLM"]
+    classifier_class: type
+    causal_lm_class: type
 
     @property
-    def model_class(self) -> type["DistributedModel"]:
+    def model_class(self) -> type:
         return self.classifier_class.base_class
 
     @property
-    def config_class(self) -> type["PreTrainedConfig"]:
+    def config_class(self) -> type:
         return self.model_class.config_class
 
     @property
-    def span_class(self) -> type["DecoderBlockSpan"]:
+    def span_class(self) -> type:
         return self.model_class.span_class
 
     @property
@@ -115,6 +107,6 @@ class AutoDistributedModelForSequenceClassification:
     """
 
     @staticmethod
-    def from_pretrained(path: str | Path, config: Optional["PreTrainedConfig"] = None, **kwargs: Any):
+    def from_pretrained(path: str | Path, config: Optional[Any] = None, **kwargs: Any):
         model_type = config.model_type if config is not None else checkpoint_model_type(path)
         return family_of(model_type, str(path)).classifier_class.from_pretrained(path, config, **kwargs)

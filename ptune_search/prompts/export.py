@@ -220,6 +220,7 @@ def write_export(
         model=model,
         model_path=str(model_path),
         model_fingerprint=model_fingerprint(model_path),
+        model_type=config.model_type,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers,
         tuning_mode=ptune["tuning_mode"],

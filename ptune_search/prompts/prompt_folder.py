@@ -74,6 +74,7 @@ class PromptManifest(_Strict):
     model: StrictStr  # as the search named it: a model alias or a checkpoint folder
     model_path: StrictStr  # the checkpoint folder the export read
     model_fingerprint: StrictStr
+    model_type: StrictStr = "llama"  # the family (config.model_type); exports before families were Llama
     hidden_size: PositiveInt
     num_hidden_layers: PositiveInt
     tuning_mode: Optional[Literal["ptune", "deep_ptune"]]
@@ -225,6 +226,11 @@ class ExportedPrompt:
 
     def _check_architecture(self, config: Any, what: str) -> None:
         manifest = self.manifest
+        if config.model_type != manifest.model_type:
+            raise ValueError(
+                f"exported prompt {self.folder} was tuned on a {manifest.model_type} model ({manifest.model!r}), "
+                f"but {what} is a {config.model_type} model; use the model it was tuned with ({manifest.model_path})"
+            )
         found = (config.hidden_size, config.num_hidden_layers)
         if found != (manifest.hidden_size, manifest.num_hidden_layers):
             raise ValueError(

@@ -92,6 +92,10 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_swarm_command(args: argparse.Namespace) -> None:
+    if args.command in ("serve", "local"):
+        from ptune_search.models.registry import check_supported
+
+        check_supported(args.model)  # an unsupported model is refused before any peer or server starts
     if args.command == "dht":
         run_bootstrap_peer(args.peers_file, host=args.host, port=args.port)
     elif args.command == "serve":

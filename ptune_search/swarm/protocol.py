@@ -33,6 +33,7 @@ MAX_METADATA_BYTES = 64 * 1024
 MAX_BLOCK_INDEX = 999_999  # block uids carry at most 6 digits
 MAX_STREAM_MESSAGE_BYTES = 2 * 1024 * 1024  # one streamed message: a tensor part (wire.CHUNK_BYTES), uid, metadata
 RECORD_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+MAX_MODEL_NAME = 128  # characters of a model type or fingerprint in records and requests
 
 
 class ServerState(str, enum.Enum):
@@ -121,6 +122,31 @@ def parse_span_uid(uid: str) -> tuple[str, int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServedModel:
+    """The checkpoint a server serves or a client runs: its family (``config.model_type``) and fingerprint
+    (see :mod:`ptune_search.models.fingerprint`). Servers announce it and clients send it with every request,
+    so that the two refuse each other when they hold different models under one DHT prefix."""
+
+    model_type: str
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"model_type": self.model_type, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, value: Any) -> "ServedModel":
+        if not isinstance(value, dict) or set(value) != {"model_type", "fingerprint"}:
+            raise ValueError("a model must be a map with the keys model_type and fingerprint")
+        model_type, fingerprint = value["model_type"], value["fingerprint"]
+        if not all(isinstance(v, str) and len(v) <= MAX_MODEL_NAME for v in (model_type, fingerprint)):
+            raise ValueError(f"model_type and fingerprint must be strings of at most {MAX_MODEL_NAME} characters")
+        return cls(model_type, fingerprint)
+
+    def __str__(self) -> str:
+        return f"a {self.model_type} model (fingerprint {self.fingerprint})"
+
+
+@dataclasses.dataclass(frozen=True)
 class ServerRecord:
     """What a server announces about itself under each of its blocks' keys."""
 
@@ -130,6 +156,7 @@ class ServerRecord:
     throughput: float = 0.0  # tokens per second through the whole span, measured at startup
     dtype: str = "float32"
     version: str = PROTOCOL_VERSION
+    model: Optional[ServedModel] = None  # None: a server that does not say (then no client refuses it)
 
     def covers(self, index: int) -> bool:
         return self.start <= index < self.end
@@ -142,6 +169,7 @@ class ServerRecord:
             "throughput": float(self.throughput),
             "dtype": self.dtype,
             "version": self.version,
+            **({"model": self.model.to_dict()} if self.model is not None else {}),
         }
 
     @classmethod
@@ -154,6 +182,7 @@ class ServerRecord:
             start, end = value["start"], value["end"]
             throughput = value.get("throughput", 0.0)
             dtype, version = value.get("dtype", "float32"), value.get("version", "")
+            model = ServedModel.from_dict(value["model"]) if "model" in value else None
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"malformed server record: {e}") from None
         if not (_is_int(start) and _is_int(end) and 0 <= start < end <= MAX_BLOCK_INDEX + 1):
@@ -167,7 +196,7 @@ class ServerRecord:
             raise ValueError(f"malformed throughput in server record: {str(throughput)[:40]}")
         if dtype not in RECORD_DTYPES or not isinstance(version, str):
             raise ValueError(f"malformed dtype or version in server record: {str(dtype)[:40]}, {str(version)[:40]}")
-        return cls(state, start, end, float(throughput), dtype, version)
+        return cls(state, start, end, float(throughput), dtype, version, model)
 
 
 def _is_int(value: Any) -> bool:

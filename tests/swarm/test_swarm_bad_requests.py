@@ -13,6 +13,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from swarm_testing import HIDDEN, MAX_PAYLOAD, MAX_TOKENS
 
+from ptune_search.models.fingerprint import model_fingerprint
 from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.protocol import (
@@ -225,3 +226,18 @@ def test_info_describes_the_served_blocks_and_limits(server):
     assert (described["prefix"], described["start"], described["end"]) == ("tiny-swarm", 0, 3)
     assert described["hidden_size"] == HIDDEN and described["dtype"] == "float32"
     assert described["limits"]["max_tokens"] == MAX_TOKENS and described["limits"]["max_payload_bytes"] == MAX_PAYLOAD
+
+
+def test_a_request_for_another_model_is_refused_naming_both(server, swarm_model):
+    ours = model_fingerprint(swarm_model)
+    other = {"model_type": "bloom", "fingerprint": "bloom/sha256:" + "0" * 64}
+    with pytest.raises(RequestRefused) as refused:
+        send(server, "forward", SPAN, [hidden(), mask()], meta(model=other))
+    assert refused.value.kind == ErrorKind.BAD_REQUEST
+    assert f"this server serves a llama model (fingerprint {ours}), but the request is for a bloom model" in str(
+        refused.value
+    )
+    (output,), _ = send(
+        server, "forward", SPAN, [hidden(), mask()], meta(model={"model_type": "llama", "fingerprint": ours})
+    )
+    assert output.shape == (2, 5, HIDDEN)

@@ -46,8 +46,11 @@ class DistributedFalconModel(DistributedModel):
 
     @classmethod
     def make_norm(cls, config: FalconConfig) -> nn.LayerNorm:
-        check_rotary(config)
         return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    @classmethod
+    def check_config(cls, config: FalconConfig) -> None:
+        check_rotary(config)
 
 
 class DistributedFalconForCausalLM(DistributedForCausalLM):

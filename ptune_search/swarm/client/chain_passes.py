@@ -150,6 +150,8 @@ class ChainPasses:
         metadata: dict[str, Any] = {"request_id": request_id, "pre_seq_len": pre_seq_len}
         if method == "forward":
             metadata["keep"] = keep
+        if self.router.model is not None:
+            metadata["model"] = self.router.model.to_dict()
         if prompts is not None:
             tensors.append(prompts[:, span.start * pre_seq_len : span.end * pre_seq_len])
         stub = BlockService.get_stub(self.p2p, span.peer_id)

@@ -8,10 +8,10 @@ and the deep prompts. Deep prompts expanded over the batch (``get_prompt``) trav
 
 Example::
 
-    from ptune_search.models import DistributedLlamaConfig
+    from ptune_search.models import DistributedLlamaModel
     from ptune_search.models.distributed import distributed_config
 
-    config = distributed_config(DistributedLlamaConfig, path, None, {"initial_peers": initial_peers})
+    config = distributed_config(DistributedLlamaModel, path, None, {"initial_peers": initial_peers})
     chain = RemoteBlockChain.connect(config)
     hidden = torch.randn(2, 5, config.hidden_size)  # [batch, length, hidden], the input of block 0
     hidden = chain(hidden, torch.ones(2, 5), None)  # attention mask [batch, length], no deep prompts
@@ -29,24 +29,38 @@ from ptune_search.swarm.client.chain_passes import ChainPasses, Hop
 from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.client.routing import BlockRouter
-from ptune_search.swarm.protocol import model_prefix
+from ptune_search.swarm.protocol import ServedModel, model_prefix
 from ptune_search.swarm.wire import HALF_WIRE_DTYPES
 
 
 class RemoteBlockChain(nn.Module):
-    def __init__(self, connection: SwarmConnection, prefix: str, num_blocks: int, settings: ClientConfig):
+    def __init__(
+        self,
+        connection: SwarmConnection,
+        prefix: str,
+        num_blocks: int,
+        settings: ClientConfig,
+        model: Optional[ServedModel] = None,
+    ):
         super().__init__()
         self.connection, self.prefix, self.num_blocks, self.settings = connection, prefix, num_blocks, settings
-        self.router = BlockRouter(connection.node, prefix, num_blocks, settings)
+        self.router = BlockRouter(connection.node, prefix, num_blocks, settings, model=model)
         self.passes = ChainPasses(connection.p2p, self.router, settings)
         self.last_route: list[tuple[str, int, int]] = []  # (peer id, start, end) of the last forward's hops
 
     @classmethod
-    def connect(cls, config: ClientConfig, *, initial_peers: Optional[Sequence[str]] = None) -> "RemoteBlockChain":
+    def connect(
+        cls,
+        config: ClientConfig,
+        *,
+        initial_peers: Optional[Sequence[str]] = None,
+        model: Optional[ServedModel] = None,
+    ) -> "RemoteBlockChain":
         """Join the swarm of ``config.initial_peers`` (or ``initial_peers``) for the model ``config`` describes.
 
         ``config`` is a model's ``Distributed<Family>Config``: a :class:`ClientConfig` that also names the
-        checkpoint (for the DHT prefix) and its ``num_hidden_layers``.
+        checkpoint (for the DHT prefix) and its ``num_hidden_layers``. With ``model`` (the checkpoint's family
+        and fingerprint), servers of another model are refused, and refuse this client's requests.
         """
         if config.wire_dtype is not None and config.wire_dtype not in HALF_WIRE_DTYPES:
             raise ValueError(
@@ -55,7 +69,7 @@ class RemoteBlockChain(nn.Module):
             )
         peers = list(initial_peers or config.initial_peers or [])
         connection = SwarmConnection(peers)
-        return cls(connection, model_prefix(config), config.num_hidden_layers, config)
+        return cls(connection, model_prefix(config), config.num_hidden_layers, config, model)
 
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, deep_prompts: Optional[torch.Tensor] = None

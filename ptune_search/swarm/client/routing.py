@@ -24,7 +24,14 @@ import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from ptune_search.swarm.client.client_config import ClientConfig
-from ptune_search.swarm.protocol import PROTOCOL_VERSION, ServerRecord, ServerState, block_uid, parse_block_uid
+from ptune_search.swarm.protocol import (
+    PROTOCOL_VERSION,
+    ServedModel,
+    ServerRecord,
+    ServerState,
+    block_uid,
+    parse_block_uid,
+)
 from ptune_search.swarm.signed_records import owner_peer_id
 
 if TYPE_CHECKING:
@@ -51,6 +58,21 @@ class MissingBlockError(RuntimeError):
     def __reduce__(self) -> tuple:
         """Rebuilt from its fields when copied or pickled (Ray does both to a trial's exception)."""
         return type(self), (self.uid, self.index, self.waited, self.joining)
+
+
+class ModelMismatchError(RuntimeError):
+    """The only servers of a block serve another model (family or checkpoint) than the client's."""
+
+    def __init__(self, uid: str, theirs: ServedModel, ours: ServedModel):
+        super().__init__(
+            f"the servers of block {uid} serve {theirs}, but this client loaded {ours}: start servers with the "
+            "client's checkpoint, or give the client the DHT prefix of a swarm of its own model (dht_prefix)"
+        )
+        self.uid, self.theirs, self.ours = uid, theirs, ours
+
+    def __reduce__(self) -> tuple:
+        """Rebuilt from its fields when copied or pickled (Ray does both to a trial's exception)."""
+        return type(self), (self.uid, self.theirs, self.ours)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +163,12 @@ class BlockRouter:
         prefix: str,
         num_blocks: int,
         settings: ClientConfig,
+        *,
+        model: Optional[ServedModel] = None,
     ):
-        """With ``settings.trusted_servers`` (base58 peer ids), only these servers are used (a private swarm)."""
-        self.node, self.prefix, self.num_blocks = node, prefix, num_blocks
+        """With ``settings.trusted_servers`` (base58 peer ids), only these servers are used (a private swarm).
+        ``model``: the client's; servers that announce another one are not used."""
+        self.node, self.prefix, self.num_blocks, self.model = node, prefix, num_blocks, model
         trusted = settings.trusted_servers
         self.trusted = frozenset(trusted) if trusted is not None else None
         self.uids = [block_uid(prefix, index) for index in range(num_blocks)]
@@ -151,6 +176,7 @@ class BlockRouter:
         self.ban_timeout, self.block_wait_timeout = settings.ban_timeout, settings.block_wait_timeout
         self._online: list[dict["PeerID", ServerRecord]] = [{} for _ in range(num_blocks)]
         self._joining: list[bool] = [False] * num_blocks
+        self._foreign: list[Optional[ServedModel]] = [None] * num_blocks  # another model online for the block
         self._updated = -float("inf")
         self._bans: dict["PeerID", tuple[float, int]] = {}  # peer -> (banned until, consecutive failures)
         self._expirations: dict["PeerID", float] = {}  # peer -> when its latest record expires
@@ -166,10 +192,12 @@ class BlockRouter:
             for peer, dead_expiry in list(self._unreachable.items()):
                 if expirations.get(peer, -float("inf")) > dead_expiry:  # it announced itself since: alive again
                     del self._unreachable[peer]
-            self._online = [
-                {peer: record for peer, record in servers.items() if _usable(record) and peer not in self._unreachable}
+            usable = [
+                {peer: r for peer, r in servers.items() if _usable(r) and peer not in self._unreachable}
                 for servers in records
             ]
+            self._online = [{peer: r for peer, r in servers.items() if self._ours(r)} for servers in usable]
+            self._foreign = [next((r.model for r in servers.values() if not self._ours(r)), None) for servers in usable]
             self._joining = [any(r.state == ServerState.JOINING for r in servers.values()) for servers in records]
             self._updated = time.monotonic()
 
@@ -190,12 +218,17 @@ class BlockRouter:
             if candidates:
                 weights = [span.length for span in candidates]
                 return random.choices(candidates, weights=weights)[0]
+            if self._foreign[block] is not None and not self._online[block] and not self._joining[block]:
+                raise ModelMismatchError(self.uids[block], self._foreign[block], self.model)
             waited = time.monotonic() - started
             if waited >= self.block_wait_timeout:
                 raise MissingBlockError(self.uids[block], block, waited, self._joining[block])
             await asyncio.sleep(min(delay, self.block_wait_timeout - waited))
             delay = min(2 * delay, 2.0)
             await self.refresh()
+
+    def _ours(self, record: ServerRecord) -> bool:
+        return self.model is None or record.model is None or record.model == self.model
 
     def _candidates(self, block: int, end: int) -> list[RemoteSpan]:
         spans = []

@@ -26,11 +26,13 @@ import torch
 from transformers import AutoConfig
 
 from ptune_search.models.decoder_span import DecoderBlockSpan
+from ptune_search.models.fingerprint import model_fingerprint
 from ptune_search.models.registry import family_of
 from ptune_search.swarm.protocol import (
     PROTOCOL_VERSION,
     BlockService,
     RequestLimits,
+    ServedModel,
     ServerRecord,
     ServerState,
     block_uids,
@@ -86,6 +88,8 @@ class BlockServer:
         self.settings = settings or ServerSettings()
         self.config = AutoConfig.from_pretrained(self.model_path)
         self.family = family_of(self.config.model_type, str(self.model_path))
+        self.family.model_class.check_config(self.config)
+        self.served_model = ServedModel(self.config.model_type, model_fingerprint(self.model_path))
         num_blocks = self.config.num_hidden_layers
         if not 0 <= start < end <= num_blocks:
             raise ValueError(f"blocks {start}:{end} are outside the model's 0:{num_blocks} ({self.model_path})")
@@ -116,7 +120,9 @@ class BlockServer:
             threads=settings.num_threads,
             merge_limits=settings.merge,
         )
-        record = ServerRecord(ServerState.JOINING, self.start, self.end, dtype=dtype_name(settings.dtype))
+        record = ServerRecord(
+            ServerState.JOINING, self.start, self.end, dtype=dtype_name(settings.dtype), model=self.served_model
+        )
         expiry: Optional[asyncio.Task] = None
         try:
             await announcer.announce(record)
@@ -177,7 +183,15 @@ class BlockServer:
 
     def _handlers(self, span: DecoderBlockSpan, queue: FairQueue, throughput: float) -> BlockRPCHandlers:
         settings = self.settings
-        served = ServedSpan(self.prefix, self.start, self.end, self.config.hidden_size, settings.dtype, settings.limits)
+        served = ServedSpan(
+            self.prefix,
+            self.start,
+            self.end,
+            self.config.hidden_size,
+            settings.dtype,
+            settings.limits,
+            self.served_model,
+        )
         info = {
             "prefix": self.prefix,
             "start": self.start,
@@ -187,6 +201,7 @@ class BlockServer:
             "limits": settings.limits.to_dict(),
             "throughput": throughput,
             "version": PROTOCOL_VERSION,
+            "model": self.served_model.to_dict(),
         }
         cache = ActivationCache(settings.cache_bytes, settings.cache_max_age)
         budget = InflightBudget(settings.inflight_bytes, settings.inflight_tokens, kept_bytes=lambda: cache.nbytes)

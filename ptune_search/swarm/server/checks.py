@@ -22,6 +22,7 @@ from ptune_search.swarm.protocol import (
     ErrorKind,
     RequestLimits,
     RequestRefused,
+    ServedModel,
     metadata_field,
     parse_span_uid,
     unpack_metadata,
@@ -42,6 +43,7 @@ class ServedSpan:
     hidden_size: int
     dtype: torch.dtype
     limits: RequestLimits
+    model: Optional[ServedModel] = None
 
 
 @dataclasses.dataclass
@@ -88,8 +90,14 @@ def parse_span_request(
         request_id = metadata_field(fields, "request_id", str)
         pre_seq_len = metadata_field(fields, "pre_seq_len", int, 0)
         keep = metadata_field(fields, "keep", bool, False)
+        model = ServedModel.from_dict(fields["model"]) if "model" in fields else None
     except ValueError as e:
         raise bad_request(f"bad metadata: {e}") from None
+    if model is not None and served.model is not None and model != served.model:
+        raise bad_request(
+            f"this server serves {served.model}, but the request is for {model}: the client loaded another "
+            "checkpoint than the servers of its DHT prefix"
+        )
     if not 0 < len(request_id) <= MAX_REQUEST_ID:
         raise bad_request(f"request_id must have 1..{MAX_REQUEST_ID} characters")
     if pre_seq_len < 0:
