@@ -213,11 +213,13 @@ def run_concurrency(args: argparse.Namespace) -> dict[int, float]:
 
     path = resolve_model(args.model)
     rates: dict[int, list[float]] = {clients: [] for clients in args.concurrency}
-    with LocalSwarm(path, servers=2) as swarm:
+    server_args = ["--merge-max-tokens", "0"] if args.no_merge else []
+    with LocalSwarm(path, servers=2, server_args=server_args) as swarm:
         for _ in range(args.rounds):
             for clients in args.concurrency:
                 record = throughput(path, swarm.initial_peers, clients, "ptune", args.concurrency_steps, threads=1)
                 record["benchmark"] = "search_efficiency_concurrency"
+                record["merging"] = not args.no_merge
                 emit(record)
                 rates[clients].append(record["tokens_per_s"])
     return {clients: statistics.median(values) for clients, values in rates.items()}
@@ -238,7 +240,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8], help="concurrent trial counts")
     parser.add_argument("--concurrency-steps", type=int, default=3, help="measured steps per client")
     parser.add_argument("--rounds", type=int, default=1, help="measure every concurrency this many times")
+    parser.add_argument("--no-merge", action="store_true", help="servers never merge requests (a baseline)")
+    parser.add_argument("--concurrency-only", action="store_true", help="skip (a) and (b)")
     args = parser.parse_args(argv)
+    if args.concurrency_only:
+        rates = run_concurrency(args)
+        emit(
+            {
+                "benchmark": "search_efficiency_concurrency_summary",
+                "merging": not args.no_merge,
+                "tokens_per_s_by_concurrency": {str(c): round(r, 1) for c, r in rates.items()},
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+            }
+        )
+        return
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="search-efficiency-") as work:
