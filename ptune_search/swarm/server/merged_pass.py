@@ -21,7 +21,7 @@ Example::
 
     def request(batch, length):
         hidden, mask = torch.randn(batch, length, 8), torch.ones(batch, length)
-        return SpanRequest(0, 1, hidden, mask, None, None, request_id="r", keep_activations=True)
+        return SpanRequest(0, 1, hidden, mask, None, None, "r", keep_activations=True, wire_dtype=torch.float32)
 
     merged = MergedForward.run(span_fn, [request(2, 5), request(1, 3)], num_blocks=1, grad=True)
     out_a, out_b = merged.output(0), merged.output(1)  # [2, 5, 8] and [1, 3, 8]
