@@ -84,7 +84,9 @@ def test_unknown_inits_are_refused(init):
 
 
 def test_a_retried_trial_starts_from_its_init_and_resumes_its_trained_rows(tiny_model_path, tokenizer, task, tmp_path):
-    settings = TrialSettings(str(tiny_model_path), task, max_steps=4, eval_every=2, batch_size=4, seed=0)
+    settings = TrialSettings(
+        str(tiny_model_path), task, max_steps=4, eval_every=2, batch_size=4, seed=0, eval_batch_size=8
+    )
 
     class LocalTrial(PromptTuningTrial):  # built directly, outside Tune, with the settings Tune would pass
         def setup(self, config):

@@ -47,7 +47,7 @@ class TrialSettings:
     eval_every: int
     batch_size: int
     seed: int
-    eval_batch_size: int = 32
+    eval_batch_size: int  # the config's budget.eval_batch_size
     rung_validation_size: Optional[int] = None  # None: every evaluation uses the whole validation split
     swarm: Optional[ClientConfig] = None  # how trials reach the swarm; None: blocks in the trial's own process
 
