@@ -68,26 +68,16 @@ def _export(args: argparse.Namespace) -> None:
 def _export_folder(args: argparse.Namespace) -> dict:
     from ptune_search.prompts.export import export_peft_adapter, export_prompt
 
-    if args.format == "peft":
-        result = export_peft_adapter(
-            args.tracking_uri,
-            args.out,
-            experiment=args.experiment,
-            run_id=args.run_id,
-            metric=args.metric,
-            mode=args.mode,
-            overwrite=args.overwrite,
-        )
-    else:
-        result = export_prompt(
-            args.tracking_uri,
-            args.out,
-            experiment=args.experiment,
-            run_id=args.run_id,
-            metric=args.metric,
-            mode=args.mode,
-            overwrite=args.overwrite,
-        )
+    export = export_peft_adapter if args.format == "peft" else export_prompt
+    result = export(
+        args.tracking_uri,
+        args.out,
+        experiment=args.experiment,
+        run_id=args.run_id,
+        metric=args.metric,
+        mode=args.mode,
+        overwrite=args.overwrite,
+    )
     manifest = result.manifest
     return {
         "out": str(result.folder),
