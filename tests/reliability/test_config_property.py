@@ -33,7 +33,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from ptune_search import cli
-from ptune_search.config import ConfigError, ExperimentConfig, load_config, parse_config
+from ptune_search.config import ConfigError, ExperimentConfig, SamplerConfig, load_config, parse_config
+from ptune_search.models.prompt_init import PROMPT_INITS, TEXT_PREFIX
 
 FieldPath = tuple[str, ...]
 TUNING_MODES = ("ptune", "deep_ptune")
@@ -192,6 +193,8 @@ def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
     space = config["search_space"]
     modes = draw(st.permutations(TUNING_MODES))
     space["tuning_modes"] = list(modes[: draw(st.integers(1, len(modes)))])
+    inits = draw(st.permutations([*PROMPT_INITS, f"{TEXT_PREFIX}{draw(NAMES.filter(str.strip))}"]))
+    space["prompt_init"] = list(inits[: draw(st.integers(1, len(inits)))])
     low = draw(st.integers(1, 64))
     space["pre_seq_len"] = {"low": low, "high": draw(st.integers(low, 128))}
     lr_low = draw(st.floats(1e-8, 1.0, **FINITE))
@@ -201,6 +204,9 @@ def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
     budget["eval_every"] = draw(st.integers(1, budget["max_steps"]))
     config["scheduler"]["grace_period"] = draw(st.integers(1, budget["max_steps"]))
     config["scheduler"]["reduction_factor"] = draw(st.floats(1.0, 10.0, exclude_min=True, **FINITE))
+    config["search"]["sampler"] = draw(
+        st.sampled_from(typing.get_args(SamplerConfig.model_fields["sampler"].annotation))
+    )
     config["seed"] = draw(st.integers(0, 2**32 - 1))
     return config
 
