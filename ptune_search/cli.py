@@ -33,9 +33,10 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _search(args: argparse.Namespace) -> None:
     from ptune_search.config import load_config
+
+    config = load_config(args.config, args.overrides)  # before the driver's imports: a bad config starts nothing
     from ptune_search.search.driver import run_search
 
-    config = load_config(args.config, args.overrides)
     outcome = run_search(config, address=args.address, resume=args.resume)
     baseline = outcome.baseline or {}
     print(
