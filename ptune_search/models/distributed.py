@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -33,6 +34,7 @@ from ptune_search.models.decoder_span import DecoderBlockSpan
 from ptune_search.models.fingerprint import model_fingerprint
 from ptune_search.models.padding import RightPadding, last_token_index
 from ptune_search.models.ptune import PTuneMixin, validate_ptune_settings
+from ptune_search.swarm.client.client_config import ClientConfig
 
 
 class LoadableFromCheckpoint:
@@ -69,6 +71,38 @@ class LoadableFromCheckpoint:
         exported.check_checkpoint(path)
         model = _load(cls, path, config, local_blocks, dtype, {**exported.config_settings(), **settings})
         exported.load_into(model, checkpoint_checked=True)
+        return model
+
+    def rebuilt(self, **settings: Any):
+        """This model built again under other ``settings`` (tuning mode, prompt length, labels...), as
+        ``from_pretrained`` would build it, on the same block chain and frozen weights: nothing is read from
+        disk and the swarm is not joined again (a search trial actor takes up its next trial with it).
+
+        Prompts and head are new, drawn from torch's generator in the same order as ``from_pretrained``
+        draws them, so under the same seed they equal a fresh model's. The two models share their blocks:
+        use only the new one. Settings of the block chain (the swarm client's) cannot change here.
+        """
+        config = distributed_config(self.base_class, self.config._name_or_path, self.config, settings)
+        changed = sorted(
+            field.name
+            for field in dataclasses.fields(ClientConfig)
+            if getattr(config, field.name) != getattr(self.config, field.name)
+        )
+        if changed:
+            raise ValueError(
+                f"rebuilt() keeps the block chain, so it cannot change its settings {changed}; "
+                "load the model again with from_pretrained to change them"
+            )
+        base = self.base_model
+        model = type(self)(config, base.layers, base.dtype)
+        trained = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+        frozen = {
+            name: tensor
+            for name, tensor in self.state_dict().items()
+            if name not in trained and not name.startswith(("layers.", "model.layers."))  # the chain is shared
+        }
+        model.load_state_dict(frozen, strict=False, assign=True)  # shares the tensors: no copy
+        _freeze_all_but_prompts_and_head(model)
         return model
 
     def load_prompt(self, folder: str | Path) -> None:

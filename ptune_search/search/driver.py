@@ -325,6 +325,7 @@ def _fit(
             scheduler=scheduler,
             num_samples=config.budget.num_samples,
             max_concurrent_trials=config.budget.max_concurrent_trials,
+            reuse_actors=True,  # a trial actor takes the next trial: no new process, no new swarm join
         ),
         run_config=_run_config(
             SEARCH_NAME, storage_path, callback, config.budget.max_failures, _disk(config, settings)

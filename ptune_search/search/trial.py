@@ -5,6 +5,10 @@ fixed subset of it at the rungs before the last, the whole split at the end). Ch
 prompts, the head, the optimizer state and the step counter, so a retried trial continues where it
 stopped, on the same data order; its prompt init is part of its config, so it keeps it.
 
+Tune reuses a trial's actor for the next trial (``reset_config``): the process, its swarm connection,
+tokenizer and frozen weights stay, and the trial starts from the same seed as on a fresh actor, so its
+losses are the same (``tests/search/test_trial_reuse.py``).
+
 A trial without a tuning mode is the head-only baseline: it trains one head per candidate learning rate
 (``baseline_lrs``) on the same features and reports the best on validation (see ``head_sweep``).
 """
@@ -89,20 +93,39 @@ class PromptTuningTrial(tune.Trainable):
         torch.set_num_threads(max(1, int(resources.required_resources.get("CPU", 1) if resources else 1)))
         torch.manual_seed(settings.seed)
         self.settings = settings
-        self.ptune = ptune_config_of(config)
         self.task = settings.task
-        tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+        self.ptune = ptune_config_of(config)
         self.model = build_classifier(
             settings.model_path,
             self.task.num_labels,
-            tokenizer.pad_token_id,
+            self.tokenizer.pad_token_id,
             self.ptune,
             settings.swarm,
         )
+        self._start_trial(config)
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        """Tune reuses this actor for its next trial: the swarm connection, tokenizer, task and frozen
+        weights stay; prompts, head, optimizer and data order start again as in a fresh actor's ``setup``.
+
+        Always True: every trial of a search has the same settings (``tune.with_parameters``), so any of its
+        actors can take any of its trials. A reset that fails raises, which fails the trial, and Tune ends
+        the actor of a failed trial (in Ray 2.60 a False would fail the trial too, with no retry)."""
+        self.setup_started = time.time()
+        torch.manual_seed(self.settings.seed)
+        self.ptune = ptune_config_of(new_config)
+        self.model = self.model.rebuilt(**dataclasses.asdict(self.ptune))
+        self._start_trial(new_config)
+        return True
+
+    def _start_trial(self, config: dict[str, Any]) -> None:
+        """The per-trial state, on a model just built from the seed."""
+        settings = self.settings
         if self.ptune.tuning_mode:
             init = config.get("prompt_init", "random")
             apply_prompt_init(
-                self.model.model, prompt_init_tokens(init, self.ptune, tokenizer, self.task, settings.seed)
+                self.model.model, prompt_init_tokens(init, self.ptune, self.tokenizer, self.task, settings.seed)
             )
         self.sweep = HeadSweep(self.model, config["baseline_lrs"]) if config.get("baseline_lrs") else None
         if self.sweep is not None:

@@ -29,13 +29,14 @@ class TrialActors(tune.Callback):
     end them before the swarm and Ray shut down.
 
     One instance per driver: Tune pickles its callbacks with the run, and a resumed run's copy comes back
-    as the driver's own, which therefore also sees the actors of restored trials.
+    as the driver's own, which therefore also sees the actors of restored trials. An actor Tune reuses for
+    several trials (or keeps cached for the next one) is noted once, at its first trial.
     """
 
     _of_this_driver: ClassVar[Optional["TrialActors"]] = None
 
     def __init__(self) -> None:
-        self._started: list[tuple["ActorHandle", ray.ObjectRef]] = []  # actor, its (node ip, pid) once set up
+        self._started: dict["ActorHandle", ray.ObjectRef] = {}  # actor -> its (node ip, pid) once set up
 
     @classmethod
     def of_this_driver(cls) -> "TrialActors":
@@ -48,8 +49,8 @@ class TrialActors(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: "Trial", **info: Any) -> None:
         actor = trial.temporary_state.ray_actor
-        if actor is not None:
-            self._started.append((actor, actor.get_current_ip_pid.remote()))
+        if actor is not None and actor not in self._started:
+            self._started[actor] = actor.get_current_ip_pid.remote()
 
     def __enter__(self) -> "TrialActors":
         return self
@@ -60,10 +61,10 @@ class TrialActors(tune.Callback):
     def end_all(self, timeout: float = EXIT_TIMEOUT_S) -> None:
         """Kill every trial actor still running (no Python code runs in it, so nothing is printed) and wait
         until the trial processes of this node are gone, those Tune stopped included."""
-        ready, _ = ray.wait([where for _, where in self._started], num_returns=len(self._started), timeout=0)
+        ready, _ = ray.wait(list(self._started.values()), num_returns=len(self._started), timeout=0)
         local_ip = ray.util.get_node_ip_address()
         processes = [process for process in (_local_process(where, local_ip) for where in ready) if process]
-        for actor, _ in self._started:
+        for actor in self._started:
             ray.kill(actor)
         self._started.clear()
         _, alive = psutil.wait_procs(processes, timeout=timeout)
