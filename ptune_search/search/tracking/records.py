@@ -168,6 +168,8 @@ class SearchTracker:
                 for trial_id, metrics in args.get("trial_metrics", {}).items():
                     self.log_final_metrics(trial_id, metrics)
                 self.finish_parent(args["parent_run_id"], args["best_trial_id"], args["summary"], list(record.files))
+            case "drop_ghost_runs":
+                self.drop_ghost_runs(args["role"], set(args["known_trial_ids"]))
             case "abort":
                 self.abort()
             case _:
@@ -252,6 +254,17 @@ class SearchTracker:
             raise ValueError("this tracker was built without register_prompt; it cannot register a model")
         self.register_prompt(self.tracking_uri, parent_run_id, self._trial_run(best_trial_id), registered_model_name)
 
+    def drop_ghost_runs(self, role: str, known_trial_ids: set[str]) -> None:
+        """Delete the ``role`` runs of trials a resumed Tune run does not know, if they logged nothing: a driver
+        killed between a trial's start and Tune's next snapshot leaves a run no trial will ever write to
+        (the study marks the same trial FAIL, see ``TruthfulOptunaSearch.restore``)."""
+        for run in self._runs({SEARCH_TAG: self.search_dir, ROLE_TAG: role}):
+            trial_id = run.data.tags[TRIAL_TAG]
+            if trial_id not in known_trial_ids and not run.data.metrics:
+                logger.warning("trial %s never ran past its start (driver killed); deleting its run", trial_id)
+                self.client.delete_run(run.info.run_id)
+                self._run_ids.pop(trial_id, None)
+
     def abort(self) -> None:
         """An interrupted search: its parent and still-running children become KILLED until resumed."""
         running = self._runs({SEARCH_TAG: self.search_dir}, "attributes.status = 'RUNNING'")
@@ -303,6 +316,10 @@ class MlflowTrialCallback(tune.Callback):
         self.role = role
         self.started: set[str] = set()
         self.checkpoints: dict[str, tune.Checkpoint] = {}
+
+    def drop_ghost_runs(self, known_trial_ids: set[str]) -> None:
+        """Before a resumed Tune run: its trials are ``known_trial_ids``; runs of others are ghosts."""
+        self.outbox.append("drop_ghost_runs", {"role": self.role, "known_trial_ids": sorted(known_trial_ids)})
 
     def on_trial_start(self, iteration: int, trials: list, trial: "Trial", **info: Any) -> None:
         self._start(trial)
