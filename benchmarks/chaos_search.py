@@ -14,7 +14,7 @@ Prints one JSON line::
 Targets: no trial failed, no MLflow step lost or duplicated, Optuna states agree with MLflow statuses, no
 process outlives the search. Exits 1 when a target is missed.
 
-Run: ``python -m benchmarks.chaos_search [--minutes 15] [--seed 0] [--trials 40] [--work-dir DIR]``.
+Run: ``python -m benchmarks.chaos_search [--minutes 15] [--seed 0] [--trials 40] [--steps 300] [--work-dir DIR]``.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ FAST_RECORDS = ["--record-ttl", "3", "--refresh-period", "1"]  # a dead server l
 EXPERIMENT = "tiny"  # experiments/tiny.yaml
 
 
-def search_overrides(output_dir: Path, swarm: LocalSwarm, tracking_uri: str, trials: int) -> list[str]:
-    """No baseline run; clients give up on a stalled server after 5 s; MLflow records wait out outages."""
+def search_overrides(output_dir: Path, swarm: LocalSwarm, tracking_uri: str, trials: int, steps: int) -> list[str]:
+    """experiments/tiny.yaml with ``trials`` trials of at most ``steps`` steps (an evaluation and an ASHA rung
+    every quarter of them); no baseline run; clients give up on a stalled server after 5 s; MLflow records
+    wait out outages."""
     return [
         f"output_dir={output_dir}",
         "swarm.mode=external",
@@ -51,13 +53,17 @@ def search_overrides(output_dir: Path, swarm: LocalSwarm, tracking_uri: str, tri
         f"mlflow.tracking_uri={tracking_uri}",
         "mlflow.flush_timeout_s=600",
         f"budget.num_samples={trials}",
+        f"budget.max_steps={steps}",
+        f"budget.eval_every={steps // 4}",
+        f"scheduler.grace_period={steps // 4}",
         "budget.max_failures=3",
         "baseline=false",
     ]
 
 
-def run_chaos_search(work_dir: Path, plan: ChaosPlan, seed: int, trials: int) -> dict[str, Any]:
-    """Everything it starts is stopped before it returns, also when it fails."""
+def run_chaos_search(work_dir: Path, plan: ChaosPlan, seed: int, trials: int, steps: int) -> dict[str, Any]:
+    """Everything it starts is stopped before it returns, also when it fails. Size ``trials`` and ``steps``
+    so that the search outlasts the plan: the chaos ends with the search."""
     os.environ["RAY_DEDUP_LOGS"] = "0"  # every line a trial prints reaches the driver's log
     load_before = os.getloadavg()
     swarm = LocalSwarm(
@@ -68,7 +74,7 @@ def run_chaos_search(work_dir: Path, plan: ChaosPlan, seed: int, trials: int) ->
         mlflow.start()
         try:
             output_dir = work_dir / "search"
-            overrides = search_overrides(output_dir, swarm, mlflow.uri, trials)
+            overrides = search_overrides(output_dir, swarm, mlflow.uri, trials, steps)
             search = SearchProcess(TINY_CONFIG, overrides, work_dir / "driver.log")
             started = time.monotonic()
             try:
@@ -118,10 +124,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trials", type=int, default=40, help="trials of the search (size it to last the run)")
+    parser.add_argument("--steps", type=int, default=300, help="most steps of a trial (a tiny-model step: ~0.1 s)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a new temporary folder")
     args = parser.parse_args()
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="chaos-search-"))
-    outcome = run_chaos_search(work_dir, ChaosPlan(seconds=args.minutes * 60), args.seed, args.trials)
+    outcome = run_chaos_search(work_dir, ChaosPlan(seconds=args.minutes * 60), args.seed, args.trials, args.steps)
     print(json.dumps(outcome), flush=True)
     missed = missed_targets(outcome)
     if missed:

@@ -392,7 +392,7 @@ class ExperimentConfig(_Section):
 
     def to_yaml(self) -> str:
         """The resolved config as YAML, loadable again with ``load_config``."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=_ConfigDumper, sort_keys=False)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_paths: bool = True) -> ExperimentConfig:
@@ -469,11 +469,16 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+class _ConfigDumper(yaml.SafeDumper):
+    """Writes what ``_ConfigLoader`` reads back unchanged: a string such as ``0E0`` is quoted."""
+
+
+for _yaml_class in (_ConfigLoader, _ConfigDumper):
+    _yaml_class.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

@@ -242,6 +242,13 @@ def test_quoted_number_is_not_coerced() -> None:
     assert error_of("budget.batch_size='8'") == 'budget.batch_size: "8" is not allowed: must be an integer'
 
 
+def test_a_resolved_config_loads_back_equal_with_strings_that_read_as_numbers(tmp_path: Path) -> None:
+    config = tiny_with("mlflow.registered_model_name='0E0'", "mlflow.experiment_name='1e-3'")
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(config.to_yaml())
+    assert load_config(resolved, check_paths=False) == config
+
+
 def test_boolean_is_not_an_integer() -> None:
     assert error_of("seed=true") == "seed: true is not allowed: must be an integer"
 

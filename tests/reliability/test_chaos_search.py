@@ -8,16 +8,17 @@ import pytest
 from benchmarks.chaos_search import missed_targets, run_chaos_search
 from benchmarks.search_harness.chaos import ChaosPlan
 
-# Every kind of fault within the first 40 s of training (later events wait while MLflow restarts); the search of
-# 6 trials lasts longer than that also on an idle machine (4 trials took 47 s there, too short for the plan).
+# Every kind of fault within the first 40 s of training (later events wait while MLflow restarts). The search
+# must outlast that on an idle machine: with trial actors reused, 6 trials of the tiny config's 12 steps took
+# 9 s, so here each trial has up to 300 steps (about 0.1 s each, two trials at a time; ASHA stops some).
 SHORT_PLAN = ChaosPlan(seconds=40, kill_every_s=(15, 25), stall_s=8, mlflow_down_s=8, mlflow_outages=2)
-TRIALS = 6
+TRIALS, STEPS = 6, 300
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_a_search_under_chaos_loses_no_trial_and_no_record(tmp_path):
-    outcome = run_chaos_search(tmp_path, SHORT_PLAN, seed=0, trials=TRIALS)
+    outcome = run_chaos_search(tmp_path, SHORT_PLAN, seed=0, trials=TRIALS, steps=STEPS)
     print(outcome)
     chaos = outcome["chaos"]
     assert chaos["kills"] and chaos["stalls"] and len(chaos["mlflow_outages"]) == 2, chaos
