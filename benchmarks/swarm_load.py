@@ -6,8 +6,8 @@ servers, so that each request is real block compute, not only transport. Each cl
 2 warm-up steps, then all train until one deadline (see ``benchmarks.load_harness``). Meanwhile the RSS of
 every server process and of its p2p daemon is sampled each second: "after_warmup" when the clients start
 together, "start" 10 s later (all clients have had requests in flight at once by then), "end" when all
-clients have finished; "growth" is the rise of the RSS floor from "start" on (the lowest sample of the last
-third of that span minus the lowest of its first third). Any exception in a client is counted and listed, a client
+clients have finished; "growth" is the rise of the RSS level from "start" on (the median sample of the last
+third of that span minus the median of its first third). Any exception in a client is counted and listed, a client
 that dies or hangs too. Prints JSON lines::
 
     {"benchmark": "swarm_load_server", "server": "server-0-blocks-0-4", "rss_mib": {"after_warmup": 560.3,

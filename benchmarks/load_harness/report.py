@@ -58,7 +58,7 @@ class LoadReport:
         return statistics.median(rates) if rates else 0.0
 
     def server_growth_mib(self) -> dict[str, float]:
-        """The rise of the RSS floor of each traced process (servers and their p2p daemons) from the settled start."""
+        """The rise of the RSS level of each traced process (servers and their p2p daemons) from the settled start."""
         return {trace.name: trace.growth_since(self.shape.settle_s) for trace in self.memory}
 
     def summary(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from tests.swarm.swarm_testing import SwarmRegistry
 CLIENTS = 8
 DURATION_S = 30.0
 FAIRNESS_BOUND = 2.0  # max/min of per-client tokens/s; the servers' FairQueue serves clients round-robin
-RSS_GROWTH_BOUND_MIB = 64.0  # rise of the RSS floor per server process and per p2p daemon, after the settled start
+RSS_GROWTH_BOUND_MIB = 64.0  # rise of the RSS level per server process and per p2p daemon, after the settled start
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ def test_clients_share_the_servers_fairly(load):
 
 
 def test_server_memory_stays_flat(load):
-    """The RSS floor from 10 s into the load (LoadShape.settle_s: every client has had requests in flight) to its
+    """The RSS level from 10 s into the load (LoadShape.settle_s: every client has had requests in flight) to its
     end (``MemoryTrace.growth_since``): memory the load keeps taking, not the batch in flight at one sample."""
     report, _ = load
     growth = report.server_growth_mib()
