@@ -299,8 +299,7 @@ def _fit(
     run_path = Path(storage_path) / SEARCH_NAME
     if resume and tune.Tuner.can_restore(str(run_path)):
         logger.info("resuming the search stored in %s", run_path)
-        callback.drop_ghost_runs(_stored_trial_ids(run_path))
-        tuner = tune.Tuner.restore(str(run_path), trainable, resume_errored=True)
+        tuner = _restored(run_path, trainable, callback)
         # The run config comes back with the run; its MLflow callback reattaches to this driver's open outbox.
         return tuner.fit()
     searcher = TruthfulOptunaSearch(
@@ -344,8 +343,7 @@ def _run_baseline(
     run_path = Path(storage_path) / BASELINE_NAME
     trainable = _trainable(config, settings)
     if resume and tune.Tuner.can_restore(str(run_path)):
-        callback.drop_ghost_runs(_stored_trial_ids(run_path))
-        tuner = tune.Tuner.restore(str(run_path), trainable, resume_errored=True)
+        tuner = _restored(run_path, trainable, callback)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -358,12 +356,14 @@ def _run_baseline(
     return tuner.fit()
 
 
-def _stored_trial_ids(run_path: Path) -> set[str]:
-    """The trials of Tune's last snapshot of a run: those a restored run goes on with.
+def _restored(run_path: Path, trainable: Any, callback: MlflowTrialCallback) -> tune.Tuner:
+    """The stored Tune run at ``run_path``, to go on with the trials of its last snapshot; the MLflow runs of
+    trials the snapshot lacks are dropped first.
 
     With trial actors reused, a trial starts within Tune's snapshot period (1 s) of being created, so a
     driver killed in between leaves trials (an MLflow run, an Optuna trial) that no snapshot holds."""
-    return {trial.trial_id for trial in tune.ExperimentAnalysis(str(run_path.resolve())).trials}
+    callback.drop_ghost_runs({trial.trial_id for trial in tune.ExperimentAnalysis(str(run_path.resolve())).trials})
+    return tune.Tuner.restore(str(run_path), trainable, resume_errored=True)
 
 
 def _baseline_lrs(config: ExperimentConfig) -> list[float]:
