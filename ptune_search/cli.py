@@ -33,11 +33,13 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _search(args: argparse.Namespace) -> None:
     from ptune_search.config import load_config
+    from ptune_search.search.preflight import check_search
 
-    config = load_config(args.config, args.overrides)  # before the driver's imports: a bad config starts nothing
-    from ptune_search.search.driver import run_search
+    # before the driver's imports (Ray, MLflow, transformers run subprocesses): a bad search starts nothing
+    checked = check_search(load_config(args.config, args.overrides), args.resume)
+    from ptune_search.search.driver import run_checked_search
 
-    outcome = run_search(config, address=args.address, resume=args.resume)
+    outcome = run_checked_search(checked, address=args.address, resume=args.resume)
     baseline = outcome.baseline or {}
     print(
         json.dumps(

@@ -21,13 +21,13 @@ from ray.tune.search.optuna import OptunaSearch
 from transformers import AutoTokenizer
 
 from ptune_search.config import ExperimentConfig
-from ptune_search.data import TaskData, TaskSpec, split_task, tokenize_task
-from ptune_search.pretrained import resolve_model
+from ptune_search.data import TaskData, TaskSpec, tokenize_task
 from ptune_search.prompts.mlflow_model import register_search_prompt
 from ptune_search.search.disk_space import OutputDisk, full_disk_reported
 from ptune_search.search.disk_watch import FreeSpaceWatch
 from ptune_search.search.head_sweep import candidate_lrs
 from ptune_search.search.held_out import evaluate_checkpoints_on_test
+from ptune_search.search.preflight import CheckedSearch, check_search
 from ptune_search.search.report import (
     HELD_OUT_METRICS,
     asha_rungs,
@@ -39,7 +39,7 @@ from ptune_search.search.report import (
     validation_share,
     write_search_report,
 )
-from ptune_search.search.resumed_settings import CONFIG_FILE, check_resume_settings, flat_settings
+from ptune_search.search.resumed_settings import CONFIG_FILE, flat_settings
 from ptune_search.search.sampler import SearchSpaceSampler, build_sampler, sampler_params
 from ptune_search.search.tracking.outbox import TrackingOutbox
 from ptune_search.search.tracking.records import MlflowTrialCallback, SearchTracker, how_to_open_runs
@@ -134,19 +134,15 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
     process starts. Ctrl-C stops the search at once (Tune's own SIGINT handler is off) and leaves it
     resumable with ``resume=True``.
     """
-    if resume:
-        check_resume_settings(config)
-    task = config.task
-    spec = TaskSpec(task.name, task.text_column, task.label_column, task.skip_invalid_rows)
-    splits = split_task(spec, task.train_size, task.validation_size, task.test_size, config.seed)
-    model_path = str(resolve_model(config.model))
-    if config.swarm.mode == "external":
-        check_swarm_reachable(config.swarm.initial_peers)
-    disk = OutputDisk.for_search(config, model_path)
-    disk.check_room_to_start()
-    data = tokenize_task(splits, AutoTokenizer.from_pretrained(model_path), task.max_length)
-    with full_disk_reported(disk):
-        return _run_search(config, model_path, data, address, resume)
+    return run_checked_search(check_search(config, resume), address, resume)
+
+
+def run_checked_search(checked: CheckedSearch, address: Optional[str] = None, resume: bool = False) -> SearchOutcome:
+    """Run a search whose inputs ``check_search`` has already checked (the CLI checks before this import)."""
+    config = checked.config
+    data = tokenize_task(checked.splits, AutoTokenizer.from_pretrained(checked.model_path), config.task.max_length)
+    with full_disk_reported(checked.disk):
+        return _run_search(config, checked.model_path, data, address, resume)
 
 
 def _run_search(
@@ -249,13 +245,6 @@ def deliver_outbox(sender: OutboxSender, config: ExperimentConfig) -> None:
             f"{sender.outbox.waiting()} records it has not taken are kept in the outbox {sender.outbox.directory}; "
             "`ptune-search search CONFIG --resume` sends them"
         )
-
-
-def check_swarm_reachable(initial_peers: list[str]) -> None:
-    """Join the external swarm once as a client, so an unreachable one fails before Ray starts."""
-    from ptune_search.swarm.client.connection import SwarmConnection
-
-    SwarmConnection(initial_peers, startup_timeout=30).close()
 
 
 def _trial_settings(
