@@ -99,11 +99,11 @@ def _without_gguf_origin(model: "LlamaForCausalLM") -> "LlamaForCausalLM":
 
 def prepare_generated_model(alias: str) -> Path:
     """Write the generated model ``alias`` into the cache once (atomically: concurrent callers may race)."""
-    from ptune_search.models.tiny_llama import make_tiny_llama
-
     out = default_cache_dir() / alias
     if (out / COMPLETE_MARKER).is_file():
-        return out
+        return out  # before the model imports: transformers' import runs a subprocess (ldconfig -p)
+    from ptune_search.models.tiny_llama import make_tiny_llama
+
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=out.parent))
     try:
