@@ -2,12 +2,12 @@
 
 Both sides run in one run, on the same machine, on the same trials:
 
-(a) ``run_search`` with a fixed schedule: ``--trials`` trials (both tuning modes, alternating), ``--steps``
+(a) ``run_search`` with a fixed schedule: ``--trials`` trials (the sampler picks each one's tuning mode), ``--steps``
     steps each with an evaluation every ``--eval-every`` steps, no early stopping (ASHA's grace period is
     the whole budget), a local Ray, a local swarm of 2 servers, 2 concurrent trials, no baseline;
 (b) the same trials (the parameters (a) ran), one after another in this process with local blocks and the
     same training code (``train_step``, ``evaluate``), driven by an Optuna study the way a user would write
-    it by hand with Hugging Face and Optuna.
+    it by hand with Hugging Face and Optuna; its best trial is then evaluated on the held-out split, as in (a).
 
 Then the aggregate training tokens/s of 1, 2, 4 and 8 trial-like client processes training at once on one
 swarm (``benchmarks.swarm_step.throughput``). Prints JSON lines; the last is the summary::
@@ -51,6 +51,7 @@ def search_config(args: argparse.Namespace, output_dir: Path):
                 "max_length": args.max_length,
                 "train_size": args.train_size,
                 "validation_size": args.validation_size,
+                "test_size": args.test_size,
             },
             "swarm": {"mode": "local", "servers": 2, "replicas": 1},
             "search_space": {
@@ -117,15 +118,18 @@ def run_distributed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             tokens += result["train_tokens"]
     busy = union_seconds(train_intervals)
     start = first_setup - started
+    after = started + wall - max(results[-1]["reported_at"] for results in trials)
     return {
         "benchmark": "search_efficiency",
         "side": "search",
         "wall_s": round(wall, 1),
-        # wall time until the first trial starts, and when no trial runs (between trials, reports, shutdown)
+        # wall time until the first trial starts, while trials run, when none runs between them, and after
+        # the last (the held-out test of the best trial, the MLflow model of its prompt, reports, shutdown)
         "wall_breakdown_s": {
             "start_ray_swarm_model": round(start, 1),
             "trials_running": round(union_seconds(active_intervals), 1),
-            "waiting": round(wall - start - union_seconds(active_intervals), 1),
+            "between_trials": round(wall - start - union_seconds(active_intervals) - after, 1),
+            "after_trials": round(after, 1),
         },
         # the trials' own time, summed over trials (2 run at once)
         "trial_breakdown_s": {
@@ -140,6 +144,7 @@ def run_distributed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             {key: results[0]["config"][key] for key in ("tuning_mode", "pre_seq_len", "lr")} for results in trials
         ],
         "best_val_accuracy": outcome.best_trial.get("val_accuracy"),
+        "best_test_accuracy": outcome.best_trial.get("test_accuracy"),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 
@@ -159,8 +164,9 @@ def run_sequential(args: argparse.Namespace, trials: list[dict[str, Any]]) -> di
     torch.set_num_threads(os.cpu_count() or 1)
     model_path = str(resolve_model(args.model))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    task = load_task(TaskSpec(), tokenizer, args.max_length, args.train_size, args.validation_size, 0)
+    task = load_task(TaskSpec(), tokenizer, args.max_length, args.train_size, args.validation_size, 0, args.test_size)
     totals = {"training": 0.0, "validation": 0.0, "tokens": 0}
+    models: dict[int, torch.nn.Module] = {}
 
     def objective(trial: optuna.Trial) -> float:
         params = {
@@ -181,25 +187,31 @@ def run_sequential(args: argparse.Namespace, trials: list[dict[str, Any]]) -> di
                 eval_started = time.perf_counter()
                 accuracy = evaluate(model, task.validation, args.batch_size).accuracy
                 totals["validation"] += time.perf_counter() - eval_started
+        models[trial.number] = model
         return accuracy
 
     study = optuna.create_study(direction="maximize")
     for params in trials:
         study.enqueue_trial(params)
     study.optimize(objective, n_trials=len(trials))
+    test_started = time.perf_counter()  # the best trial on the held-out split, as (a) does after its trials
+    test_accuracy = evaluate(models[study.best_trial.number], task.test, args.batch_size).accuracy
+    held_out = time.perf_counter() - test_started
     wall = time.time() - started
     return {
         "benchmark": "search_efficiency",
         "side": "sequential",
         "wall_s": round(wall, 1),
         "breakdown_s": {
-            "setup": round(wall - totals["training"] - totals["validation"], 1),
+            "setup": round(wall - totals["training"] - totals["validation"] - held_out, 1),
             "training": round(totals["training"], 1),
             "validation": round(totals["validation"], 1),
+            "held_out_test": round(held_out, 1),
         },
         "train_tokens": totals["tokens"],
         "aggregate_train_tokens_per_s": round(totals["tokens"] / totals["training"], 1),
         "best_val_accuracy": study.best_value,
+        "best_test_accuracy": test_accuracy,
         "torch_threads": torch.get_num_threads(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
@@ -235,6 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--train-size", type=int, default=600)
     parser.add_argument("--validation-size", type=int, default=150)
+    parser.add_argument("--test-size", type=int, default=300, help="held-out examples; (a) and (b) test the best")
     parser.add_argument("--pre-seq-len", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8], help="concurrent trial counts")
