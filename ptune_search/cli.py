@@ -39,7 +39,7 @@ def _search(args: argparse.Namespace) -> None:
     checked = check_search(load_config(args.config, args.overrides), args.resume)
     from ptune_search.search.driver import run_checked_search
 
-    outcome = run_checked_search(checked, address=args.address, resume=args.resume)
+    outcome = run_checked_search(checked, address=args.address)
     baseline = outcome.baseline or {}
     print(
         json.dumps(

@@ -21,13 +21,13 @@ from ray.tune.search.optuna import OptunaSearch
 from transformers import AutoTokenizer
 
 from ptune_search.config import ExperimentConfig
-from ptune_search.data import TaskData, TaskSpec, tokenize_task
+from ptune_search.data import TaskData, tokenize_task
 from ptune_search.prompts.mlflow_model import register_search_prompt
 from ptune_search.search.disk_space import OutputDisk, full_disk_reported
 from ptune_search.search.disk_watch import FreeSpaceWatch
 from ptune_search.search.head_sweep import candidate_lrs
 from ptune_search.search.held_out import evaluate_checkpoints_on_test
-from ptune_search.search.preflight import CheckedSearch, check_search
+from ptune_search.search.preflight import CheckedSearch, check_search, task_spec
 from ptune_search.search.report import (
     HELD_OUT_METRICS,
     asha_rungs,
@@ -134,15 +134,15 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
     process starts. Ctrl-C stops the search at once (Tune's own SIGINT handler is off) and leaves it
     resumable with ``resume=True``.
     """
-    return run_checked_search(check_search(config, resume), address, resume)
+    return run_checked_search(check_search(config, resume), address)
 
 
-def run_checked_search(checked: CheckedSearch, address: Optional[str] = None, resume: bool = False) -> SearchOutcome:
+def run_checked_search(checked: CheckedSearch, address: Optional[str] = None) -> SearchOutcome:
     """Run a search whose inputs ``check_search`` has already checked (the CLI checks before this import)."""
     config = checked.config
     data = tokenize_task(checked.splits, AutoTokenizer.from_pretrained(checked.model_path), config.task.max_length)
     with full_disk_reported(checked.disk):
-        return _run_search(config, checked.model_path, data, address, resume)
+        return _run_search(config, checked.model_path, data, address, checked.resume)
 
 
 def _run_search(
@@ -271,8 +271,7 @@ def _trial_settings(
 
 def _task_datasets(config: ExperimentConfig) -> list[TaskDatasetInput]:
     task = config.task
-    spec = TaskSpec(task.name, task.text_column, task.label_column, task.skip_invalid_rows)
-    return task_dataset_inputs(spec, task.train_size, task.validation_size, config.seed, task.test_size)
+    return task_dataset_inputs(task_spec(config), task.train_size, task.validation_size, config.seed, task.test_size)
 
 
 def _optuna_storage(output_dir: Path) -> optuna.storages.RDBStorage:

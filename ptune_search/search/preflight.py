@@ -20,6 +20,7 @@ class CheckedSearch:
     """A search config whose inputs were found usable, with what checking them produced."""
 
     config: ExperimentConfig
+    resume: bool
     splits: TaskSplits
     model_path: str
     disk: OutputDisk
@@ -31,14 +32,19 @@ def check_search(config: ExperimentConfig, resume: bool) -> CheckedSearch:
     if resume:
         check_resume_settings(config)
     task = config.task
-    spec = TaskSpec(task.name, task.text_column, task.label_column, task.skip_invalid_rows)
-    splits = split_task(spec, task.train_size, task.validation_size, task.test_size, config.seed)
+    splits = split_task(task_spec(config), task.train_size, task.validation_size, task.test_size, config.seed)
     model_path = str(resolve_model(config.model))
     if config.swarm.mode == "external":
         check_swarm_reachable(config.swarm.initial_peers)
     disk = OutputDisk.for_search(config, model_path)
     disk.check_room_to_start()
-    return CheckedSearch(config, splits, model_path, disk)
+    return CheckedSearch(config, resume, splits, model_path, disk)
+
+
+def task_spec(config: ExperimentConfig) -> TaskSpec:
+    """Where the search's task comes from and how its file is read."""
+    task = config.task
+    return TaskSpec(task.name, task.text_column, task.label_column, task.skip_invalid_rows)
 
 
 def check_swarm_reachable(initial_peers: list[str]) -> None:
