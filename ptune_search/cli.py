@@ -48,6 +48,7 @@ def _search(args: argparse.Namespace) -> None:
                 "baseline_accuracy": outcome.baseline_accuracy,
                 "baseline_test_accuracy": baseline.get("test_accuracy"),
                 "baseline_lr": baseline.get("lr"),
+                "start_head_test_accuracy": (outcome.start_head or {}).get("test_accuracy"),
                 "parent_run_id": outcome.parent_run_id,
             },
             default=str,

@@ -86,6 +86,9 @@ class TaskConfig(_Section):
     # the search. None: 20% of the examples; 0: no test split.
     test_size: Optional[Annotated[StrictInt, Field(ge=0)]] = None
     skip_invalid_rows: StrictBool = False  # drop rows with an empty text or label (with a warning), not refuse
+    # The word the model's LM head scores for each class when search_space.heads has label_words: class name ->
+    # word (its first token counts). Classes not named here use " <class name>".
+    label_words: dict[Name, Name] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -211,9 +214,31 @@ class SearchSpace(_Section):
     tuning_modes: Annotated[list[TuningMode], Field(min_length=1)] = Field(default_factory=lambda: list(TUNING_MODES))
     pre_seq_len: IntRange = Field(default_factory=lambda: IntRange(low=4, high=32))
     lr: LogRange = Field(default_factory=lambda: LogRange(low=1.0e-4, high=3.0e-2))
+    # The learning rates the head-only sweeps try (budget.baseline_lrs of them, log-spaced): the baseline's, and
+    # the one that fits the trials' starting head; a trial's head then trains at a fifth of the rate chosen.
+    head_lr: LogRange = Field(default_factory=lambda: LogRange(low=5.0e-3, high=5.0e-2))
     # Where prompts start (see ptune_search.models.prompt_init): random, vocab, labels or text:<words>;
     # several values make it a searched choice.
     prompt_init: Annotated[list[StrictStr], Field(min_length=1)] = Field(default_factory=lambda: ["labels"])
+    # The hand-written prompt around every input of every trial ({text} is the input; the text is cut, never the
+    # template). The head-only baseline reads the bare text: it is the search without any prompt.
+    template: StrictStr = "{text}"
+    # Where a trial's head starts (see ptune_search.search.trial_head): "linear", the best head of a head-only sweep
+    # on the trials' inputs; "label_words", the LM head's rows of the classes' label words (task.label_words).
+    # Several values make it a searched choice.
+    heads: Annotated[list[Literal["linear", "label_words"]], Field(min_length=1)] = Field(
+        default_factory=lambda: ["linear"]
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _one_text_slot(cls, template: str) -> str:
+        from ptune_search.data import check_template  # lazily: data.py imports torch
+
+        try:
+            return check_template(template)
+        except ValueError as error:
+            raise _Problem((), f"{_show(template)} is not allowed: {error}") from None
 
     @field_validator("prompt_init")
     @classmethod
@@ -255,7 +280,7 @@ class Budget(_Section):
     # larger batches.
     rung_validation_size: Optional[PositiveInt] = 50
     eval_batch_size: PositiveInt = 32
-    # The head-only baseline trains one head per learning rate, this many spread over search_space.lr on a
+    # The head-only baseline trains one head per learning rate, this many spread over search_space.head_lr on a
     # log scale, on the same features, and keeps the best on validation: its own lr at the cost of one trial.
     baseline_lrs: PositiveInt = 4
 

@@ -46,6 +46,7 @@ TABLE_EXTENSIONS = (".csv", ".jsonl")
 VALIDATION_FRACTION = 0.2  # validation share when validation_size is None
 TEST_FRACTION = 0.2  # held-out test share when test_size is None
 SHOWN_LINES = 5  # line numbers of invalid rows quoted in a message
+TEXT_SLOT = "{text}"  # where an input goes in a template; the template of the text alone
 
 Batch = dict[str, torch.Tensor]
 
@@ -183,12 +184,17 @@ def split_task(
         raise TaskDataError(f"task {spec.name}: {error}") from None
 
 
-def tokenize_task(splits: TaskSplits, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TaskData:
+def tokenize_task(
+    splits: TaskSplits, tokenizer: PreTrainedTokenizerBase, max_length: int, template: str = TEXT_SLOT
+) -> TaskData:
+    def tokenized(examples: Examples) -> TokenizedSplit:
+        return tokenize_examples(examples, tokenizer, max_length, template)
+
     return TaskData(
         label_names=splits.train.label_names,
-        train=tokenize_examples(splits.train, tokenizer, max_length),
-        validation=tokenize_examples(splits.validation, tokenizer, max_length),
-        test=tokenize_examples(splits.test, tokenizer, max_length) if len(splits.test) else None,
+        train=tokenized(splits.train),
+        validation=tokenized(splits.validation),
+        test=tokenized(splits.test) if len(splits.test) else None,
     )
 
 
@@ -478,24 +484,49 @@ def _subset(examples: Examples, indices: list[int]) -> Examples:
     )
 
 
-def tokenize_examples(examples: Examples, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TokenizedSplit:
-    """Tokenize a split once, truncated to ``max_length`` and right padded to its longest sequence."""
+def tokenize_examples(
+    examples: Examples, tokenizer: PreTrainedTokenizerBase, max_length: int, template: str = TEXT_SLOT
+) -> TokenizedSplit:
+    """Tokenize a split once, each text placed in ``template``, truncated to ``max_length`` and right padded to
+    the split's longest sequence."""
+    input_ids, attention_mask = encode_texts(examples.texts, tokenizer, max_length, template)
+    return TokenizedSplit(input_ids, attention_mask, torch.tensor(examples.labels, dtype=torch.int64))
+
+
+def check_template(template: str) -> str:
+    """``template`` if it holds ``{text}`` exactly once, else a ValueError that says so."""
+    if template.count(TEXT_SLOT) != 1:
+        raise ValueError(f"template {template!r} must hold {TEXT_SLOT} exactly once (where each input goes)")
+    return template
+
+
+def encode_texts(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, template: str = TEXT_SLOT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` [N, L] of ``texts``, each placed in ``template``: the template's
+    words are kept whole and the text is cut to the room left, so a long article never loses the question
+    after it ("...\nThis article is about"). Training and inference (``prompts.predict``) both call this."""
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive int (got {max_length!r})")
     prepare_tokenizer(tokenizer)
-    encoded = tokenizer(
-        examples.texts,
-        truncation=True,
-        max_length=max_length,
-        padding="longest",
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
-    return TokenizedSplit(
-        input_ids=encoded["input_ids"],
-        attention_mask=encoded["attention_mask"],
-        labels=torch.tensor(examples.labels, dtype=torch.int64),
-    )
+    if check_template(template) == TEXT_SLOT:
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+        return encoded["input_ids"], encoded["attention_mask"]
+    before, after = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in template.split(TEXT_SLOT))
+    # The tokenizer's own special tokens (a BOS, say) around the whole: those it puts around a one-token text.
+    bare, whole = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    start = whole.index(bare[0])
+    before, after = whole[:start] + before, after + whole[start + len(bare) :]
+    room = max_length - len(before) - len(after)
+    if room < 1:
+        raise ValueError(
+            f"template {template!r} takes {len(before) + len(after)} of max_length {max_length} tokens, "
+            "leaving none for the text; raise task.max_length or shorten the template"
+        )
+    bodies = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
+    rows = [before + body + after for body in bodies]
+    encoded = tokenizer.pad({"input_ids": rows}, padding="longest", return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:

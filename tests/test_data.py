@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from ptune_search.data import (
     Examples,
     TaskData,
     TaskSpec,
+    check_template,
+    encode_texts,
     load_examples,
     load_task,
     packaged_task_source,
@@ -282,3 +285,33 @@ def test_batch_size_must_be_positive(bbc_task: TaskData) -> None:
         bbc_task.train.batches(0)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         bbc_task.train_batches(0, seed=0)
+
+
+def test_a_template_is_kept_whole_and_the_text_is_cut_to_the_room_left(tokenizer: PreTrainedTokenizerFast) -> None:
+    template = "News: {text}\nTopic:"
+    ids, mask = encode_texts(["x" * 100, "short"], tokenizer, 24, template)
+    assert ids.shape == (2, 24) and mask.sum(dim=1).tolist() == [24, len("News: short\nTopic:")]
+    assert tokenizer.decode(ids[0]) == "News: " + "x" * (24 - len("News: \nTopic:")) + "\nTopic:"
+    assert tokenizer.decode(ids[1][mask[1].bool()]) == "News: short\nTopic:"
+    assert tokenizer.padding_side == "right" and ids[1, -1].item() == tokenizer.pad_token_id
+
+
+def test_the_bare_template_tokenizes_as_the_tokenizer_does(tokenizer: PreTrainedTokenizerFast) -> None:
+    texts = ["one text", "another, longer text"]
+    ids, mask = encode_texts(texts, tokenizer, 12)
+    expected = tokenizer(texts, truncation=True, max_length=12, padding="longest", return_tensors="pt")
+    assert torch.equal(ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [("no slot", "must hold {text} exactly once"), ("{text} and {text}", "must hold {text} exactly once")],
+)
+def test_a_template_without_exactly_one_text_slot_is_refused(template: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        check_template(template)
+
+
+def test_a_template_longer_than_max_length_is_refused_naming_both(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(ValueError, match=r"takes 23 of max_length 16 tokens.*raise task.max_length"):
+        encode_texts(["text"], tokenizer, 16, "A long preamble {text} ending")

@@ -191,7 +191,7 @@ def write_export(
     """Download the run's tensors into ``folder`` and write the manifest that describes them."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ptune_search.data import TaskSpec, load_examples, prepare_tokenizer
+    from ptune_search.data import TEXT_SLOT, TaskSpec, load_examples, prepare_tokenizer
     from ptune_search.models.fingerprint import model_fingerprint
     from ptune_search.pretrained import resolve_model
 
@@ -209,6 +209,10 @@ def write_export(
     model = str(_setting(search_config, "model", parent_id))
     task = {key: _setting(search_config, f"task.{key}", parent_id) for key in ("name", "text_column", "label_column")}
     max_length = int(_setting(search_config, "task.max_length", parent_id))
+    # The trials' template (searches before templates had none); the baseline read the bare text.
+    template = search_config.get("search_space", {}).get("template", TEXT_SLOT)
+    if run.data.params.get("bare_text") == "True":
+        template = TEXT_SLOT
     model_path = resolve_model(model)
     config = AutoConfig.from_pretrained(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -232,6 +236,7 @@ def write_export(
             truncation_side=tokenizer.truncation_side,
             pad_token=tokenizer.pad_token,
             pad_token_id=tokenizer.pad_token_id,
+            template=template,
         ),
         metric=_final_metric(client, run_id, metric),
         source_run_id=run_id,

@@ -20,6 +20,10 @@ One difference PEFT brings: Hugging Face's classifier cannot see padding in ``in
 batch's last position; padded texts in a batch are pooled on padding. Classify one text at a time (or a batch
 of equal lengths) through PEFT; the logits then equal ours.
 
+A search's template (the text around each input, ``search_space.template``) has no place in PEFT's format
+either: ``ptune_manifest.json`` keeps it, and texts given to PEFT must be put in it first
+(``ptune_search.data.encode_texts`` does so).
+
 ``deep_ptune`` adds a prompt to every block's input, which PEFT's prompt tuning has no place for (its prefix
 tuning feeds keys and values, not block inputs): it is refused. The reverse direction reads a PEFT
 prompt-tuning adapter trained elsewhere: ``from_pretrained(path, prompt=ADAPTER_DIR)``. Writing an adapter from

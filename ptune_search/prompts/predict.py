@@ -1,8 +1,8 @@
 """Classifying texts with an exported prompt, through a swarm or on local blocks.
 
-The texts are tokenized as in training (the manifest's max length, padding and truncation sides), run through
-the model with the prompt and head, and each comes back with every label and its probability, most likely
-first::
+The texts are tokenized as in training (``data.encode_texts``, with the manifest's max length and template),
+run through the model with the prompt and head, and each comes back with every label and its probability, most
+likely first::
 
     with PromptClassifier("best-prompt", local_blocks=True) as classifier:
         for prediction in classifier.classify(["Shares rose sharply on Friday ..."]):
@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from ptune_search.data import encode_texts
 from ptune_search.prompts.prompt_folder import ExportedPrompt
 
 
@@ -57,7 +58,6 @@ class PromptClassifier:
     ):
         from transformers import AutoTokenizer
 
-        from ptune_search.data import prepare_tokenizer
         from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 
         if batch_size < 1:
@@ -69,9 +69,6 @@ class PromptClassifier:
         self.batch_size = batch_size
         path = Path(model_path) if model_path is not None else _model_path(manifest.model_path, manifest.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        prepare_tokenizer(self.tokenizer)
-        self.tokenizer.padding_side = manifest.tokenizer.padding_side
-        self.tokenizer.truncation_side = manifest.tokenizer.truncation_side
         overrides = {"dht_prefix": dht_prefix} if dht_prefix else {}
         self.model = AutoDistributedModelForSequenceClassification.from_pretrained(
             path,
@@ -106,15 +103,9 @@ class PromptClassifier:
 
     @torch.no_grad()
     def _classify_batch(self, texts: list[str]) -> list[Prediction]:
-        encoded = self.tokenizer(
-            texts,
-            truncation=True,
-            max_length=self.manifest.tokenizer.max_length,
-            padding="longest",
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        logits = self.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits
+        settings = self.manifest.tokenizer
+        input_ids, attention_mask = encode_texts(texts, self.tokenizer, settings.max_length, settings.template)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         probabilities = torch.softmax(logits.float(), dim=-1)
         predictions = []
         for text, row in zip(texts, probabilities.tolist()):

@@ -56,6 +56,7 @@ class TokenizerSettings(_Strict):
     truncation_side: Literal["left", "right"] = "right"
     pad_token: Optional[StrictStr] = None
     pad_token_id: Optional[StrictInt] = None
+    template: StrictStr = "{text}"  # the text around each input ({text}); the text is cut, never the template
 
 
 class MetricValue(_Strict):

@@ -13,27 +13,29 @@ from typing import Any, Iterator, Optional
 
 import optuna
 import ray
-from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
+import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ptune_search.config import ExperimentConfig
-from ptune_search.data import TaskData, tokenize_task
+from ptune_search.data import TEXT_SLOT, TaskData, tokenize_task
+from ptune_search.models.label_words import label_word_tokens, label_words
 from ptune_search.prompts.mlflow_model import register_search_prompt
+from ptune_search.prompts.prompt_folder import HEAD_FILE
 from ptune_search.search.disk_space import OutputDisk, full_disk_reported
 from ptune_search.search.disk_watch import FreeSpaceWatch
-from ptune_search.search.head_sweep import candidate_lrs
+from ptune_search.search.head_sweep import FINE_TUNE_LR_SCALE, candidate_lrs
 from ptune_search.search.held_out import evaluate_checkpoints_on_test
+from ptune_search.search.ordered_asha import OrderedASHA
+from ptune_search.search.ordered_optuna import OrderedOptunaSearch
 from ptune_search.search.preflight import CheckedSearch, check_search, task_spec
 from ptune_search.search.report import (
     HELD_OUT_METRICS,
     asha_rungs,
-    baseline_row,
     best_finished_trial,
     final_checkpoints,
+    head_sweep_rows,
     trial_curves,
     trial_rows,
     validation_share,
@@ -53,66 +55,8 @@ logger = logging.getLogger(__name__)
 
 METRIC, MODE = "val_accuracy", "max"
 SEARCH_NAME, BASELINE_NAME = "search", "baseline"
-TUNE_TRIAL_ID_ATTR = "tune_trial_id"
 OUTBOX_DIR = "mlflow_outbox"  # in output_dir: MLflow records the store has not taken yet
 ABORT_FLUSH_TIMEOUT_S = 30.0  # an interrupted search waits at most this long for the store before it exits
-
-
-class TruthfulOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells the study a trial ASHA stopped is PRUNED and a failed one is FAIL.
-
-    Ray's OptunaSearch records any trial with a last result as COMPLETE with its early value, which would
-    let TPE learn from truncated runs as if they were finished.
-    """
-
-    def suggest(self, trial_id: str) -> Optional[dict]:
-        suggestion = super().suggest(trial_id)
-        if trial_id in self._ot_trials:  # links the study's trial to the Tune trial and its MLflow run
-            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
-        return suggestion
-
-    def restore(self, checkpoint_path: str) -> None:
-        """A driver killed between Optuna's ask and Tune's next snapshot leaves a study trial no Tune trial
-        will ever run; it would stay RUNNING forever, so it is marked FAIL (Optuna's rule for stale trials)."""
-        super().restore(checkpoint_path)
-        known = {ot_trial.number for ot_trial in self._ot_trials.values()}
-        for ghost in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if ghost.number not in known:
-                logger.warning("Optuna trial %d was never run by Tune (driver killed); marking it FAIL", ghost.number)
-                self._ot_study.tell(ghost.number, state=TrialState.FAIL)
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        """Every evaluation becomes an intermediate value at its optimizer step (Ray's own uses Tune's
-        iteration count), so TPE can weigh a PRUNED trial by how far it got."""
-        if trial_id in self._completed_trials:
-            return
-        try:
-            self._report(trial_id, result)
-        except UpdateFinishedTrialError:  # a resumed driver replays a result the study already has
-            self._completed_trials.add(trial_id)
-
-    def _report(self, trial_id: str, result: dict) -> None:
-        ot_trial = self._ot_trials[trial_id]
-        step = int(result["step"])
-        if step not in self._ot_study.get_trials(deepcopy=False)[ot_trial.number].intermediate_values:
-            ot_trial.report(float(result[self.metric]), step)
-
-    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
-            return
-        self._completed_trials.add(trial_id)
-        ot_trial = self._ot_trials[trial_id]
-        if self._ot_study.get_trials(deepcopy=False)[ot_trial.number].state.is_finished():
-            return  # told before the driver was killed; Tune's older snapshot did not know
-        if not error and result and self.metric in result:
-            # The result on which ASHA stopped a trial reaches the searcher here only, never in on_trial_result.
-            self._report(trial_id, result)
-        if error:
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-        elif result and result.get("finished"):
-            self._ot_study.tell(ot_trial, result[self.metric], state=TrialState.COMPLETE)
-        else:
-            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +65,7 @@ class SearchOutcome:
     baseline: Optional[dict[str, Any]]  # the head-only baseline's row (its chosen lr in baseline_lr)
     trials: list[dict[str, Any]]
     parent_run_id: str
+    start_head: Optional[dict[str, Any]] = None  # the head sweep on the trials' template, if not the baseline
 
     @property
     def baseline_accuracy(self) -> Optional[float]:
@@ -140,13 +85,29 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
 def run_checked_search(checked: CheckedSearch, address: Optional[str] = None) -> SearchOutcome:
     """Run a search whose inputs ``check_search`` has already checked (the CLI checks before this import)."""
     config = checked.config
-    data = tokenize_task(checked.splits, AutoTokenizer.from_pretrained(checked.model_path), config.task.max_length)
+    tokenizer = AutoTokenizer.from_pretrained(checked.model_path)
+    template, max_length = config.search_space.template, config.task.max_length
+    data = tokenize_task(checked.splits, tokenizer, max_length, template)
+    bare = None if template == TEXT_SLOT else tokenize_task(checked.splits, tokenizer, max_length)
+    words = None
+    if "label_words" in config.search_space.heads:
+        words = tuple(label_word_tokens(tokenizer, label_words(data.label_names, config.task.label_words)))
     with full_disk_reported(checked.disk):
-        return _run_search(config, checked.model_path, data, address, checked.resume)
+        return _run_search(config, checked.model_path, TrialInputs(data, bare, words), address, checked.resume)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialInputs:
+    """What the driver prepares once for every trial: the tokenized task (with the template, and without it for
+    the baseline when there is one) and the label words' tokens (None unless a label-words head is searched)."""
+
+    task: TaskData
+    bare_task: Optional[TaskData]
+    label_word_tokens: Optional[tuple[int, ...]]
 
 
 def _run_search(
-    config: ExperimentConfig, model_path: str, data: TaskData, address: Optional[str], resume: bool
+    config: ExperimentConfig, model_path: str, inputs: TrialInputs, address: Optional[str], resume: bool
 ) -> SearchOutcome:
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     # Snapshot the experiment every second (not every 10 s): a killed driver then resumes with at most a
@@ -171,27 +132,31 @@ def _run_search(
         try:
             # Trial actors end first (quietly, see TrialActors), then the swarm they use, then Ray.
             with _ray_and_swarm(config, model_path, address) as initial_peers, TrialActors.of_this_driver():
-                settings = _trial_settings(config, model_path, data, initial_peers)
+                settings = _trial_settings(config, model_path, inputs, initial_peers)
                 datasets = _task_datasets(config)
                 params = {**flat_settings(config.to_dict()), **sampler_params(config)}
                 parent_run_id = tracker.start_parent(output_dir.name, params, config_file, datasets)
+                # The head sweeps first: the baseline, and the head every trial starts from (one sweep when the
+                # trials read the bare text too).
+                callback = MlflowTrialCallback(outbox, parent_run_id, _static_params(config), datasets, role="baseline")
+                sweep_grid = _run_head_sweeps(config, settings, callback, resume)
+                sweeps = head_sweep_rows(sweep_grid, METRIC)
+                finals = final_checkpoints(sweep_grid)
+                baseline = sweeps[True] if config.baseline else None
+                start = sweeps[False] if False in sweeps else sweeps[True]
+                start_head = _head_of(finals[start["trial_id"]][1])
+                head_lr = start["lr"] * FINE_TUNE_LR_SCALE
+                settings = dataclasses.replace(settings, start_head=start_head, head_lr=head_lr)
+                baseline_share = validation_share(sweep_grid)
                 callback = MlflowTrialCallback(outbox, parent_run_id, _static_params(config), datasets)
                 grid = _fit(config, settings, callback, resume)
                 rows = trial_rows(grid, METRIC)
                 curves = trial_curves(grid, rows, METRIC)
                 best = best_finished_trial(rows, METRIC)
-                finals = final_checkpoints(grid)
-                baseline, baseline_share = None, None
-                if config.baseline:
-                    callback = MlflowTrialCallback(
-                        outbox, parent_run_id, _static_params(config), datasets, role="baseline"
-                    )
-                    baseline_grid = _run_baseline(config, settings, callback, resume)
-                    baseline = baseline_row(baseline_grid, METRIC)
-                    finals.update(final_checkpoints(baseline_grid))
-                    baseline_share = validation_share(baseline_grid)
-                tested = [row for row in (best, baseline) if row is not None]
-                if data.test is not None:
+                finals.update(final_checkpoints(grid))
+                tested = [row for row in (best, baseline, start) if row is not None]
+                tested = [row for index, row in enumerate(tested) if row not in tested[:index]]
+                if inputs.task.test is not None:
                     figures = evaluate_checkpoints_on_test(
                         settings, {row["trial_id"]: finals[row["trial_id"]] for row in tested}, config.resources.cpu
                     )
@@ -212,7 +177,8 @@ def _run_search(
         scheduler = config.scheduler
         rungs = asha_rungs(scheduler.grace_period, scheduler.reduction_factor, config.budget.max_steps)
         shares = {"validation_share": validation_share(grid), "baseline_validation_share": baseline_share}
-        report = write_search_report(output_dir, rows, best, study, baseline, METRIC, curves, rungs, shares)
+        start_row = start if start is not baseline else None
+        report = write_search_report(output_dir, rows, best, study, baseline, METRIC, curves, rungs, shares, start_row)
         now = int(time.time() * 1000)
         summary = {key: [value, now] for key, value in report.summary.items()}
         trial_metrics = {
@@ -234,7 +200,7 @@ def _run_search(
         outbox.append("finish_parent", finish, report.files)
         deliver_outbox(sender, config)
         print(how_to_open_runs(config.tracking_uri, tracker.experiment_id))
-    return SearchOutcome(best, baseline, rows, parent_run_id)
+    return SearchOutcome(best, baseline, rows, parent_run_id, start_row)
 
 
 def deliver_outbox(sender: OutboxSender, config: ExperimentConfig) -> None:
@@ -248,12 +214,14 @@ def deliver_outbox(sender: OutboxSender, config: ExperimentConfig) -> None:
 
 
 def _trial_settings(
-    config: ExperimentConfig, model_path: str, data: TaskData, initial_peers: list[str]
+    config: ExperimentConfig, model_path: str, inputs: TrialInputs, initial_peers: list[str]
 ) -> TrialSettings:
     swarm = config.swarm
     return TrialSettings(
         model_path=model_path,
-        task=data,
+        task=inputs.task,
+        bare_task=inputs.bare_task,
+        label_word_tokens=inputs.label_word_tokens,
         max_steps=config.budget.max_steps,
         eval_every=config.budget.eval_every,
         batch_size=config.budget.batch_size,
@@ -290,27 +258,26 @@ def _fit(
         tuner = _restored(run_path, trainable, callback)
         # The run config comes back with the run; its MLflow callback reattaches to this driver's open outbox.
         return tuner.fit()
-    searcher = TruthfulOptunaSearch(
+    budget, scheduler = config.budget, config.scheduler
+    searcher = OrderedOptunaSearch(
         space=SearchSpaceSampler.of(config),
         metric=METRIC,
         mode=MODE,
         sampler=build_sampler(config),
         storage=_optuna_storage(config.output_dir),
         study_name=SEARCH_NAME,
+        concurrency=budget.max_concurrent_trials,
+        num_samples=budget.num_samples,
     )
-    scheduler = ASHAScheduler(
-        time_attr="step",
-        max_t=config.budget.max_steps,
-        grace_period=config.scheduler.grace_period,
-        reduction_factor=config.scheduler.reduction_factor,
-    )
+    rungs = asha_rungs(scheduler.grace_period, scheduler.reduction_factor, budget.max_steps)
+    asha = OrderedASHA(rungs, scheduler.reduction_factor, concurrency=budget.max_concurrent_trials)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode=MODE,
             search_alg=searcher,
-            scheduler=scheduler,
+            scheduler=asha,
             num_samples=config.budget.num_samples,
             max_concurrent_trials=config.budget.max_concurrent_trials,
             reuse_actors=True,  # a trial actor takes the next trial: no new process, no new swarm join
@@ -322,21 +289,31 @@ def _fit(
     return tuner.fit()
 
 
-def _run_baseline(
+def _run_head_sweeps(
     config: ExperimentConfig, settings: TrialSettings, callback: MlflowTrialCallback, resume: bool
 ) -> tune.ResultGrid:
-    """Head only, no prompts, the same step budget; its learning rate is chosen on validation among
-    ``budget.baseline_lrs`` candidates spread over the searched lr range (see ``head_sweep``)."""
+    """Head only, no prompts, the same step budget, its learning rate chosen on validation among
+    ``budget.baseline_lrs`` candidates over ``search_space.head_lr`` (see ``head_sweep``): on the bare text (the
+    baseline) and, when the trials read a template, on their inputs (the head they start from). Run at once."""
     storage_path = str(config.output_dir / "ray")
     run_path = Path(storage_path) / BASELINE_NAME
     trainable = _trainable(config, settings)
     if resume and tune.Tuner.can_restore(str(run_path)):
         tuner = _restored(run_path, trainable, callback)
     else:
+        templated = settings.bare_task is not None
+        inputs = ([True] if config.baseline or not templated else []) + ([False] if templated else [])
         tuner = tune.Tuner(
             trainable,
-            param_space={"tuning_mode": None, "pre_seq_len": 0, "baseline_lrs": _baseline_lrs(config)},
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=1),
+            param_space={
+                "tuning_mode": None,
+                "pre_seq_len": 0,
+                "baseline_lrs": _baseline_lrs(config),
+                "bare_text": tune.grid_search(inputs),
+            },
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode=MODE, num_samples=1, max_concurrent_trials=config.budget.max_concurrent_trials
+            ),
             run_config=_run_config(
                 BASELINE_NAME, storage_path, callback, config.budget.max_failures, _disk(config, settings)
             ),
@@ -355,8 +332,14 @@ def _restored(run_path: Path, trainable: Any, callback: MlflowTrialCallback) -> 
 
 
 def _baseline_lrs(config: ExperimentConfig) -> list[float]:
-    lr = config.search_space.lr
+    lr = config.search_space.head_lr
     return candidate_lrs(lr.low, lr.high, config.budget.baseline_lrs)
+
+
+def _head_of(checkpoint: tune.Checkpoint) -> torch.Tensor:
+    """The head weight a sweep's (best) checkpoint holds."""
+    with checkpoint.as_directory() as folder:
+        return load_file(Path(folder) / HEAD_FILE)["score.weight"]
 
 
 def _disk(config: ExperimentConfig, settings: TrialSettings) -> OutputDisk:
@@ -379,8 +362,8 @@ def _run_config(
         checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True),
         failure_config=tune.FailureConfig(max_failures=max_failures),
         progress_reporter=tune.CLIReporter(
-            parameter_columns=["tuning_mode", "pre_seq_len", "lr", "prompt_init"],
-            metric_columns=["step", "train_loss", "val_loss", "val_accuracy", "tokens_per_s"],
+            parameter_columns=["tuning_mode", "pre_seq_len", "lr", "head"],
+            metric_columns=["step", "train_loss", "eval_accuracy", "val_accuracy", "best_step", "tokens_per_s"],
             max_report_frequency=30,
         ),
     )

@@ -18,6 +18,8 @@ from torch import nn
 from ptune_search.data import Batch, TokenizedSplit
 from ptune_search.search.training import Evaluation, StepResult
 
+FINE_TUNE_LR_SCALE = 0.2  # LP-FT: a fitted head goes on training with the prompts at a fifth of its sweep's rate
+
 
 def candidate_lrs(low: float, high: float, count: int) -> list[float]:
     """``count`` learning rates spaced evenly on a log scale from ``low`` to ``high``."""

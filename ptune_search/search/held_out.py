@@ -46,7 +46,7 @@ def evaluate_checkpoints_on_test(
 
 def _evaluate_on_test(settings: TrialSettings, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TestFigures:
     torch.set_num_threads(1)
-    test = settings.task.test
+    test = settings.task_of(config).test
     assert test is not None  # the driver asks only when the task has a test split
     tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
     model = build_classifier(

@@ -81,7 +81,9 @@ def trial_rows(grid: tune.ResultGrid, metric: str) -> list[dict[str, Any]]:
                 "pre_seq_len": config.get("pre_seq_len"),
                 "lr": config.get("lr"),
                 "prompt_init": config.get("prompt_init"),
+                "head": config.get("head"),
                 "step": metrics.get("step"),
+                "best_step": metrics.get("best_step"),
                 "val_loss": metrics.get("val_loss"),
                 metric: metrics.get(metric),
                 "test_accuracy": None,
@@ -142,13 +144,18 @@ def plot_curves(curves: list[TrialCurve], rungs: list[int], metric: str) -> go.F
     return figure
 
 
-def baseline_row(grid: tune.ResultGrid, metric: str) -> dict[str, Any]:
-    """The baseline's row, with the learning rate its head sweep chose; a failed baseline stops the search."""
-    row = trial_rows(grid, metric)[0]
-    if row["status"] != "finished":
-        raise SearchFailed(f"the head-only baseline did not finish: {row['error'] or row['status']}")
-    row["lr"] = next(iter(grid)).metrics["baseline_lr"]
-    return row
+def head_sweep_rows(grid: tune.ResultGrid, metric: str) -> dict[bool, dict[str, Any]]:
+    """The head sweeps' rows by whether they read the bare text (the baseline) or the trials' template, each
+    with the learning rate it chose; a failed sweep stops the search."""
+    rows = {row["trial_id"]: row for row in trial_rows(grid, metric)}
+    by_input = {}
+    for result in grid:
+        row = rows[trial_id_of(result)]
+        if row["status"] != "finished":
+            raise SearchFailed(f"the head-only sweep did not finish: {row['error'] or row['status']}")
+        row["lr"] = result.metrics["baseline_lr"]
+        by_input[bool(result.config.get("bare_text"))] = row
+    return by_input
 
 
 def final_checkpoints(grid: tune.ResultGrid) -> dict[str, tuple[dict[str, Any], tune.Checkpoint]]:
@@ -189,12 +196,16 @@ def write_search_report(
     curves: list[TrialCurve],
     rungs: list[int],
     shares: dict[str, Optional[float]],
+    start: Optional[dict[str, Any]] = None,
 ) -> SearchReport:
     """Write ``trials.csv``, Optuna's plots and the curves plot (HTML) to ``output_dir``; print the summary.
 
-    Validation figures chose the best trial; test figures (held out) are the ones to quote.
+    Validation figures chose the best trial; test figures (held out) are the ones to quote. ``start`` is the head
+    sweep on the trials' template, when it is not the baseline: what the template alone gives.
     """
-    table = pd.DataFrame(rows + ([{**baseline, "status": "baseline"}] if baseline else []))
+    extra = [{**baseline, "status": "baseline"}] if baseline else []
+    extra += [{**start, "status": "start head"}] if start else []
+    table = pd.DataFrame(rows + extra)
     table = table.sort_values(metric, ascending=False, na_position="last")
     csv_file = output_dir / "trials.csv"
     table.to_csv(csv_file, index=False)
@@ -215,17 +226,27 @@ def write_search_report(
         summary["baseline_lr"] = float(baseline["lr"])
         if baseline.get("test_accuracy") is not None:
             summary["baseline_test_accuracy"] = float(baseline["test_accuracy"])
+    if start is not None:
+        summary[f"start_head_{metric}"] = float(start[metric])
+        if start.get("test_accuracy") is not None:
+            summary["start_head_test_accuracy"] = float(start["test_accuracy"])
     summary.update({key: float(value) for key, value in shares.items() if value is not None})
     shown = table.drop(columns=["error"]) if table["error"].isna().all() else table
     print("\nTrials:\n" + shown.to_string(index=False))
     print(
         f"\nBest trial: {best['trial_id']} ({best['tuning_mode']}, pre_seq_len={best['pre_seq_len']}, "
-        f"lr={best['lr']:.2e}, init {best['prompt_init']}) {metric}={best[metric]:.4f}{_test(best)}"
+        f"lr={best['lr']:.2e}, init {best['prompt_init']}, head {best['head']}, best at step {best['best_step']}) "
+        f"{metric}={best[metric]:.4f}{_test(best)}"
     )
     if baseline is not None:
         print(
             f"Head-only baseline with the same budget (its own lr {baseline['lr']:.2e}): "
             f"{metric}={baseline[metric]:.4f}{_test(baseline)}"
+        )
+    if start is not None:
+        print(
+            f"Head alone on the template (every trial's start, lr {start['lr']:.2e}): "
+            f"{metric}={start[metric]:.4f}{_test(start)}"
         )
     if shares.get("validation_share") is not None:
         print(f"Validation took {shares['validation_share']:.1%} of the trials' training + validation time")

@@ -18,7 +18,7 @@ from ptune_search.config import ExperimentConfig
 class SearchSpaceSampler:
     """Optuna's define-by-run space (a class, not a closure, so Tune can pickle the searcher on checkpoint).
 
-    ``prompt_init`` is a searched choice only when there are several inits; one init is a fixed setting.
+    ``prompt_init`` and ``head`` are searched choices only when there are several; one is a fixed setting.
     """
 
     def __init__(
@@ -27,17 +27,22 @@ class SearchSpaceSampler:
         pre_seq_len: tuple[int, int],
         lr: tuple[float, float],
         prompt_inits: tuple[str, ...] = ("random",),
+        heads: tuple[str, ...] = ("linear",),
     ):
-        self.tuning_modes, self.pre_seq_len, self.lr, self.prompt_inits = tuning_modes, pre_seq_len, lr, prompt_inits
+        self.tuning_modes, self.pre_seq_len, self.lr = tuning_modes, pre_seq_len, lr
+        self.prompt_inits, self.heads = prompt_inits, heads
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any] | None:
         trial.suggest_categorical("tuning_mode", self.tuning_modes)
         trial.suggest_int("pre_seq_len", *self.pre_seq_len)
         trial.suggest_float("lr", *self.lr, log=True)
-        if len(self.prompt_inits) > 1:
-            trial.suggest_categorical("prompt_init", list(self.prompt_inits))
-            return None
-        return {"prompt_init": self.prompt_inits[0]}  # a constant: Tune passes it to the trial's config
+        constants = {}  # Tune passes them to the trial's config
+        for name, choices in (("prompt_init", self.prompt_inits), ("head", self.heads)):
+            if len(choices) > 1:
+                trial.suggest_categorical(name, list(choices))
+            else:
+                constants[name] = choices[0]
+        return constants or None
 
     @classmethod
     def of(cls, config: ExperimentConfig) -> SearchSpaceSampler:
@@ -47,6 +52,7 @@ class SearchSpaceSampler:
             (space.pre_seq_len.low, space.pre_seq_len.high),
             (space.lr.low, space.lr.high),
             tuple(space.prompt_init),
+            tuple(space.heads),
         )
 
 

@@ -1,9 +1,15 @@
 """One search trial: a Ray Tune actor that trains prompts and a head through the swarm.
 
 A Tune iteration is ``eval_every`` optimizer steps followed by an evaluation on the validation split (a
-fixed subset of it at the rungs before the last, the whole split at the end). Checkpoints hold the
-prompts, the head, the optimizer state and the step counter, so a retried trial continues where it
-stopped, on the same data order; its prompt init is part of its config, so it keeps it.
+fixed subset of it at the rungs before the last, the whole split at the end). A trial reports and exports its
+best checkpoint on the whole validation split, not its last: ``val_accuracy``/``val_loss``/``best_step`` are the
+best evaluation's, ``eval_accuracy``/``eval_loss`` the latest one's. Checkpoints hold the best prompts and head
+(the files export reads), the current ones, the optimizer state and the step counter, so a retried trial
+continues where it stopped, on the same data order; its prompt init is part of its config, so it keeps it.
+
+A trial's head starts where a head-only sweep ended (``start_head``, fitted on the same inputs: linear probing
+before fine-tuning, LP-FT) or, for ``head: label_words``, at the LM head's rows of the classes' label words;
+it then trains with the prompts at its own, smaller learning rate (``head_lr``).
 
 Tune reuses a trial's actor for the next trial (``reset_config``): the process, its swarm connection,
 tokenizer and frozen weights stay, and the trial starts from the same seed as on a fresh actor, so its
@@ -29,15 +35,17 @@ from transformers import AutoTokenizer
 
 from ptune_search.data import TaskData
 from ptune_search.models.distributed import DistributedForSequenceClassification
+from ptune_search.models.label_words import apply_label_word_head
 from ptune_search.models.prompt_init import apply_prompt_init, initial_prompt_tokens
 from ptune_search.models.ptune import PTuneConfig
 from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 from ptune_search.prompts.prompt_folder import HEAD_FILE, PROMPT_FILE, PTUNE_CONFIG_FILE
 from ptune_search.search.head_sweep import HeadSweep
-from ptune_search.search.training import evaluate, train_step, trainable_parameters
+from ptune_search.search.training import Evaluation, evaluate, train_step, trainable_parameters
 from ptune_search.swarm.client.client_config import ClientConfig
 
 OPTIMIZER_FILE = "optimizer.pt"
+CURRENT_FILE = "trial_current.safetensors"  # the trained tensors as they are now (the export files hold the best)
 STATE_FILE = "trial_state.json"
 SWEEP_FILE = "baseline_heads.safetensors"
 
@@ -55,6 +63,14 @@ class TrialSettings:
     eval_batch_size: int  # the config's budget.eval_batch_size
     rung_validation_size: Optional[int] = None  # None: every evaluation uses the whole validation split
     swarm: Optional[ClientConfig] = None  # how trials reach the swarm; None: blocks in the trial's own process
+    bare_task: Optional[TaskData] = None  # the task without its template, for the baseline (None: ``task``)
+    start_head: Optional[torch.Tensor] = None  # the head sweep's best ``score.weight`` (None: a random head)
+    head_lr: Optional[float] = None  # the head's learning rate in prompt trials (None: the trial's lr)
+    label_word_tokens: Optional[tuple[int, ...]] = None  # per class, for trials with ``head: label_words``
+
+    def task_of(self, config: dict[str, Any]) -> TaskData:
+        """The task a trial of ``config`` reads: the bare text for a baseline (``bare_text``), else ``task``."""
+        return self.bare_task if config.get("bare_text") and self.bare_task is not None else self.task
 
 
 def build_classifier(
@@ -122,20 +138,38 @@ class PromptTuningTrial(tune.Trainable):
     def _start_trial(self, config: dict[str, Any]) -> None:
         """The per-trial state, on a model just built from the seed."""
         settings = self.settings
+        self.task = settings.task_of(config)
         if self.ptune.tuning_mode:
             init = config.get("prompt_init", "random")
             apply_prompt_init(
                 self.model.model, prompt_init_tokens(init, self.ptune, self.tokenizer, self.task, settings.seed)
             )
+            self._start_head(config.get("head", "linear"))
         self.sweep = HeadSweep(self.model, config["baseline_lrs"]) if config.get("baseline_lrs") else None
         if self.sweep is not None:
             self.optimizer = self.sweep.optimizer
         else:
-            self.optimizer = torch.optim.AdamW(trainable_parameters(self.model), lr=config["lr"])
+            head = list(self.model.score.parameters())
+            prompts = [p for p in trainable_parameters(self.model) if all(p is not q for q in head)]
+            head_lr = settings.head_lr if settings.head_lr is not None else config["lr"]
+            groups = [{"params": prompts, "lr": config["lr"]}, {"params": head, "lr": head_lr}]
+            self.optimizer = torch.optim.AdamW(groups)
         self.steps_done = 0
         self.latest_result: dict[str, Any] = {}
         self.batches = self.task.train_batches(settings.batch_size, settings.seed)
+        self.best: Optional[dict[str, Any]] = None  # the best evaluation on the whole validation split
+        self.best_tensors: dict[str, torch.Tensor] = {}
         self.setup_s = time.time() - self.setup_started
+
+    def _start_head(self, head: str) -> None:
+        settings = self.settings
+        if head == "label_words":
+            if settings.label_word_tokens is None:
+                raise ValueError("a trial with head 'label_words' needs TrialSettings.label_word_tokens")
+            apply_label_word_head(self.model, settings.label_word_tokens)
+        elif settings.start_head is not None:
+            with torch.no_grad():
+                self.model.score.weight.copy_(settings.start_head)
 
     def step(self) -> dict[str, Any]:
         settings = self.settings
@@ -160,12 +194,18 @@ class PromptTuningTrial(tune.Trainable):
         else:
             evaluation = evaluate(self.model, validation, settings.eval_batch_size)
         eval_seconds = time.perf_counter() - started
+        if len(validation) == len(self.task.validation):
+            self._keep_if_best(evaluation)
+        best = self.best or {"val_accuracy": evaluation.accuracy, "val_loss": evaluation.loss, "step": self.steps_done}
         self.latest_result = {
             "step": self.steps_done,
             "train_loss": sum(losses) / len(losses),
             "train_losses": losses,
-            "val_loss": evaluation.loss,
-            "val_accuracy": evaluation.accuracy,
+            "val_loss": best["val_loss"],
+            "val_accuracy": best["val_accuracy"],
+            "best_step": best["step"],
+            "eval_loss": evaluation.loss,
+            "eval_accuracy": evaluation.accuracy,
             "val_examples": len(validation),
             "tokens_per_s": tokens / train_seconds,
             "train_tokens": tokens,
@@ -181,29 +221,45 @@ class PromptTuningTrial(tune.Trainable):
         }
         return dict(self.latest_result)  # Tune adds its own keys to what it gets
 
+    def _trained_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def _keep_if_best(self, evaluation: Evaluation) -> None:
+        """Keep this evaluation's tensors when it beats the best so far (accuracy, then loss)."""
+        if self.best is not None and (evaluation.accuracy, -evaluation.loss) <= (
+            self.best["val_accuracy"],
+            -self.best["val_loss"],
+        ):
+            return
+        self.best = {"val_accuracy": evaluation.accuracy, "val_loss": evaluation.loss, "step": self.steps_done}
+        self.best_tensors = self._trained_tensors()
+
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         folder = Path(checkpoint_dir)
-        trained = {name: p.detach().contiguous() for name, p in self.model.named_parameters() if p.requires_grad}
+        current = self._trained_tensors()
+        best = self.best_tensors or current
         head_prefix = f"{self.model.trainable_head}."
-        save_file({k: v for k, v in trained.items() if not k.startswith(head_prefix)}, folder / PROMPT_FILE)
-        save_file({k: v for k, v in trained.items() if k.startswith(head_prefix)}, folder / HEAD_FILE)
+        save_file({k: v for k, v in best.items() if not k.startswith(head_prefix)}, folder / PROMPT_FILE)
+        save_file({k: v for k, v in best.items() if k.startswith(head_prefix)}, folder / HEAD_FILE)
+        save_file(current, folder / CURRENT_FILE)
         (folder / PTUNE_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.ptune)))
         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
-        (folder / STATE_FILE).write_text(json.dumps({"step": self.steps_done, "latest_result": self.latest_result}))
+        state = {"step": self.steps_done, "latest_result": self.latest_result, "best": self.best}
+        (folder / STATE_FILE).write_text(json.dumps(state))
         if self.sweep is not None:
             save_file(self.sweep.state_dict(), folder / SWEEP_FILE)
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         folder = Path(checkpoint_dir)
-        tensors = {**load_file(folder / PROMPT_FILE), **load_file(folder / HEAD_FILE)}
-        unexpected = self.model.load_state_dict(tensors, strict=False).unexpected_keys
+        unexpected = self.model.load_state_dict(load_file(folder / CURRENT_FILE), strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"checkpoint {folder} holds tensors this trial's model lacks: {unexpected}")
         if self.sweep is not None:
             self.sweep.load_state_dict(load_file(folder / SWEEP_FILE))
         self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE))
         state = json.loads((folder / STATE_FILE).read_text())
-        self.steps_done, self.latest_result = state["step"], state["latest_result"]
+        self.steps_done, self.latest_result, self.best = state["step"], state["latest_result"], state["best"]
+        self.best_tensors = {**load_file(folder / PROMPT_FILE), **load_file(folder / HEAD_FILE)} if self.best else {}
         self.batches = self.task.train_batches(self.settings.batch_size, self.settings.seed)
         for _ in range(self.steps_done):  # the same data order as a run that never stopped
             next(self.batches)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from ptune_search.models.label_words import apply_label_word_head
 from ptune_search.models.registry import AutoDistributedModelForSequenceClassification, UnsupportedModelError
 from tests.models.tiny_families import make_tiny_checkpoint
 
@@ -154,3 +155,19 @@ def test_falcon_with_alibi_is_refused(checkpoints):
     path = checkpoints("falcon-parallel")
     with pytest.raises(ValueError, match="alibi=True"):
         AutoDistributedModelForSequenceClassification.from_pretrained(path, local_blocks=True, alibi=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_label_words_head_scores_what_the_causal_lm_gives_each_word_next(checkpoints, variant):
+    """Tied (falcon, bloom) and untied (the rotary families) LM heads alike."""
+    path = checkpoints(variant)
+    model = AutoDistributedModelForSequenceClassification.from_pretrained(
+        path, local_blocks=True, num_labels=NUM_LABELS
+    )
+    words = [7, 42, 200]  # one token per class
+    apply_label_word_head(model, words)
+    causal_lm = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids, mask, _ = padded_batch()
+    with torch.no_grad():
+        next_token = causal_lm(input_ids=ids, attention_mask=mask).logits[torch.arange(len(LENGTHS)), mask.sum(1) - 1]
+        assert max_diff(model(ids, mask).logits, next_token[:, words]) <= TOLERANCE

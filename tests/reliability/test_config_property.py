@@ -91,6 +91,8 @@ def _leaf(path: FieldPath, info: FieldInfo) -> Leaf:
     origin = typing.get_origin(annotation)
     if origin is list:
         kind = "list"
+    elif origin is dict:
+        kind = "dict"
     elif origin is typing.Literal:
         kind = "literal"
     else:
@@ -197,8 +199,12 @@ def valid_configs(draw: st.DrawFn) -> dict[str, Any]:
     space["prompt_init"] = list(inits[: draw(st.integers(1, len(inits)))])
     low = draw(st.integers(1, 64))
     space["pre_seq_len"] = {"low": low, "high": draw(st.integers(low, 128))}
-    lr_low = draw(st.floats(1e-8, 1.0, **FINITE))
-    space["lr"] = {"low": lr_low, "high": draw(st.floats(lr_low, 10.0, **FINITE))}
+    for name in ("lr", "head_lr"):
+        lr_low = draw(st.floats(1e-8, 1.0, **FINITE))
+        space[name] = {"low": lr_low, "high": draw(st.floats(lr_low, 10.0, **FINITE))}
+    space["template"] = draw(st.builds("{}{{text}}{}".format, NAMES, NAMES).filter(lambda t: t.count("{text}") == 1))
+    space["heads"] = draw(st.sampled_from([["linear"], ["label_words"], ["linear", "label_words"]]))
+    config["task"]["label_words"] = draw(st.dictionaries(NAMES, NAMES, max_size=2))
     budget = config["budget"]
     budget["max_steps"] = draw(st.integers(1, 1000))
     budget["eval_every"] = draw(st.integers(1, budget["max_steps"]))
@@ -239,6 +245,7 @@ WRONG_TYPES: dict[str, st.SearchStrategy[Any]] = {
     "path": st.one_of(st.integers(), st.floats(), st.booleans(), LISTS, MAPPINGS),
     "literal": st.one_of(st.integers(), st.booleans(), LISTS, MAPPINGS),
     "list": st.one_of(st.integers(), st.text(max_size=6), st.booleans(), MAPPINGS),
+    "dict": st.one_of(st.integers(), st.text(max_size=6), st.booleans(), LISTS),
 }
 
 

@@ -44,8 +44,8 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"
 # per-browser setting that only the URL query WORKFLOW_QUERY overrides (see experiment_runs_url).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 WORKFLOW_QUERY = "workflowType=machine_learning"
-SEARCHED_PARAMS = ("tuning_mode", "pre_seq_len", "lr", "prompt_init")
-STEP_METRICS = ("val_loss", "val_accuracy", "tokens_per_s", "baseline_lr")
+SEARCHED_PARAMS = ("tuning_mode", "pre_seq_len", "lr", "prompt_init", "head", "bare_text")
+STEP_METRICS = ("val_loss", "val_accuracy", "eval_loss", "eval_accuracy", "best_step", "tokens_per_s", "baseline_lr")
 
 
 def project_git_commit() -> str:
@@ -257,7 +257,7 @@ class SearchTracker:
     def drop_ghost_runs(self, role: str, known_trial_ids: set[str]) -> None:
         """Delete the ``role`` runs of trials a resumed Tune run does not know, if they logged nothing: a driver
         killed between a trial's start and Tune's next snapshot leaves a run no trial will ever write to
-        (the study marks the same trial FAIL, see ``TruthfulOptunaSearch.restore``)."""
+        (the study marks the same trial FAIL, see ``OrderedOptunaSearch.restore``)."""
         for run in self._runs({SEARCH_TAG: self.search_dir, ROLE_TAG: role}):
             trial_id = run.data.tags[TRIAL_TAG]
             if trial_id not in known_trial_ids and not run.data.metrics:
