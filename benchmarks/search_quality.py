@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -26,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = [
@@ -45,6 +48,8 @@ def run_one(config: str, sampler: str, seed: int, overrides: list[str], scratch:
         raise RuntimeError(f"search {config} {sampler} seed {seed} failed:\n{completed.stderr[-3000:]}")
     outcome = json.loads(completed.stdout.strip().splitlines()[-1])
     best = outcome["best_trial"]
+    trials = pd.read_csv(output / "trials.csv")
+    trials = trials[~trials["status"].isin(["baseline", "start head"])]
     return {
         "task": Path(config).stem,
         "sampler": sampler,
@@ -55,9 +60,20 @@ def run_one(config: str, sampler: str, seed: int, overrides: list[str], scratch:
         "gain_over_baseline": best["test_accuracy"] - outcome["baseline_test_accuracy"],
         "best_val_accuracy": best["val_accuracy"],
         "best_params": {key: best.get(key) for key in ("tuning_mode", "pre_seq_len", "lr", "head", "best_step")},
+        # divergence: no trial's last evaluation should lose more than a model that knows nothing (ln classes)
+        "max_last_eval_loss": float(trials["eval_loss"].max()),
+        "chance_loss": math.log(num_classes(output)),
         "wall_s": round(seconds, 1),
         "load_average_1m": os.getloadavg()[0],
     }
+
+
+def num_classes(output: Path) -> int:
+    from ptune_search.config import load_config
+    from ptune_search.data import TaskSpec, load_examples
+
+    task = load_config(output / "config.yaml").task
+    return len(load_examples(TaskSpec(task.name, task.text_column, task.label_column)).label_names)
 
 
 def task_summary(runs: list[dict]) -> dict:
@@ -69,6 +85,7 @@ def task_summary(runs: list[dict]) -> dict:
         "mean_best_test_accuracy": statistics.mean(run["best_test_accuracy"] for run in runs),
         "mean_baseline_test_accuracy": statistics.mean(run["baseline_test_accuracy"] for run in runs),
         "mean_wall_s": statistics.mean(run["wall_s"] for run in runs),
+        "diverged_searches": sum(run["max_last_eval_loss"] > run["chance_loss"] for run in runs),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -27,7 +28,9 @@ def test_search_quality_prints_a_line_per_search_and_the_gains_per_task():
     assert [(run["task"], run["seed"]) for run in searches] == [("tiny", 0), ("tiny", 1)]
     for run in searches:
         assert run["gain_over_baseline"] == pytest.approx(run["best_test_accuracy"] - run["baseline_test_accuracy"])
+        assert run["chance_loss"] == pytest.approx(math.log(5)) and run["max_last_eval_loss"] > 0  # BBC: 5 classes
     gains = [run["gain_over_baseline"] for run in searches]
     assert last["tiny"]["min_gain_over_baseline"] == min(gains)
+    assert last["tiny"]["diverged_searches"] == sum(r["max_last_eval_loss"] > r["chance_loss"] for r in searches)
     assert last["tiny"]["mean_gain_over_baseline"] == pytest.approx(sum(gains) / 2)
     assert last["tiny"]["mean_best_test_accuracy"] == pytest.approx(sum(r["best_test_accuracy"] for r in searches) / 2)

@@ -47,13 +47,15 @@ def test_default_experiment_parses_with_the_budget_of_the_brief() -> None:
     assert (config.task.train_size, config.task.validation_size, config.task.test_size) == (600, 150, 300)
     assert (config.swarm.mode, config.swarm.servers, config.swarm.replicas) == ("local", 2, 1)
     assert config.search_space.tuning_modes == ["deep_ptune", "ptune"]
-    assert (config.search_space.pre_seq_len.low, config.search_space.pre_seq_len.high) == (8, 32)
-    assert (config.search_space.lr.low, config.search_space.lr.high) == (5e-3, 5e-2)
-    assert config.search_space.prompt_init == ["labels"]
+    assert (config.search_space.pre_seq_len.low, config.search_space.pre_seq_len.high) == (8, 24)
+    assert (config.search_space.lr.low, config.search_space.lr.high) == (1e-3, 1e-2)
+    assert (config.search_space.head_lr.low, config.search_space.head_lr.high) == (5e-3, 5e-2)
+    assert config.search_space.prompt_init == ["labels"] and config.search_space.heads == ["linear"]
+    assert config.search_space.template == "Article: {text}\nThis article is about"
     assert (config.search.sampler, config.search.startup_trials(config.budget.num_samples)) == ("tpe", 2)
     budget = config.budget
     assert (budget.num_samples, budget.max_steps, budget.eval_every, budget.batch_size) == (6, 60, 15, 8)
-    assert (budget.max_concurrent_trials, budget.rung_validation_size, budget.baseline_lrs) == (2, 50, 4)
+    assert (budget.max_concurrent_trials, budget.rung_validation_size, budget.baseline_lrs) == (2, None, 4)
     assert (config.scheduler.grace_period, config.scheduler.reduction_factor) == (15, 2)
     assert config.baseline is True and config.seed == 0
     assert config.mlflow.experiment_name == "smollm2-bbc-news"

@@ -85,6 +85,7 @@ def trial_rows(grid: tune.ResultGrid, metric: str) -> list[dict[str, Any]]:
                 "step": metrics.get("step"),
                 "best_step": metrics.get("best_step"),
                 "val_loss": metrics.get("val_loss"),
+                "eval_loss": metrics.get("eval_loss"),  # the last evaluation's (the best may be earlier)
                 metric: metrics.get(metric),
                 "test_accuracy": None,
                 "status": status,
