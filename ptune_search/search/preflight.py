@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from ptune_search.config import ExperimentConfig
-from ptune_search.data import TaskSpec, TaskSplits, split_task
+from ptune_search.data import TaskDataError, TaskSpec, TaskSplits, split_task
+from ptune_search.models.label_words import label_words
 from ptune_search.pretrained import resolve_model
 from ptune_search.search.disk_space import OutputDisk
 from ptune_search.search.resumed_settings import check_resume_settings
@@ -33,6 +34,10 @@ def check_search(config: ExperimentConfig, resume: bool) -> CheckedSearch:
         check_resume_settings(config)
     task = config.task
     splits = split_task(task_spec(config), task.train_size, task.validation_size, task.test_size, config.seed)
+    try:
+        label_words(splits.train.label_names, task.label_words)
+    except ValueError as error:
+        raise TaskDataError(f"task.label_words: {error}") from None
     model_path = str(resolve_model(config.model))
     if config.swarm.mode == "external":
         check_swarm_reachable(config.swarm.initial_peers)

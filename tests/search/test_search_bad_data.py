@@ -55,6 +55,15 @@ def test_a_bad_task_file_fails_with_exit_2_before_anything_starts(run_search, tm
     assert not (tmp_path / "search").exists()
 
 
+def test_label_words_for_classes_the_task_lacks_fail_with_exit_2_before_anything_starts(run_search, tmp_path):
+    search = run_search(["task.label_words={sport: S}", "search_space.heads=[label_words]"])
+    assert search.wait(timeout=120) == 2, search.log()[-3000:]
+    log = search.log()
+    assert "task.label_words: label words are given for ['sport'], which are not classes of the task" in log
+    assert "Traceback" not in log
+    assert not search.seen, f"bad label words started processes: {search.seen}"
+
+
 def test_skip_invalid_rows_drops_them_with_a_warning(tmp_path):
     from ptune_search.data import TaskSpec, split_task
 
