@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer
 
-from ptune_search.data import prepare_tokenizer
+from ptune_search.data import TEXT_SLOT, prepare_tokenizer
 from ptune_search.models.fingerprint import model_fingerprint
 from ptune_search.prompts.prompt_folder import (
     DEEP_KEY,
@@ -26,7 +26,9 @@ from ptune_search.prompts.prompt_folder import (
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 
 
-def handmade_prompt(model_path: Path, folder: Path, tuning_mode: str, pre_seq_len: int, seed: int = 0) -> Path:
+def handmade_prompt(
+    model_path: Path, folder: Path, tuning_mode: str, pre_seq_len: int, seed: int = 0, template: str = TEXT_SLOT
+) -> Path:
     """A prompt folder for ``model_path`` whose prompt and head are random (scaled like trained ones)."""
     generator = torch.Generator().manual_seed(seed)
     config = AutoConfig.from_pretrained(model_path)
@@ -55,6 +57,7 @@ def handmade_prompt(model_path: Path, folder: Path, tuning_mode: str, pre_seq_le
             truncation_side=tokenizer.truncation_side,
             pad_token=tokenizer.pad_token,
             pad_token_id=tokenizer.pad_token_id,
+            template=template,
         ),
         metric=MetricValue(name="val_accuracy", mode="max"),
         source_run_id="handmade",
