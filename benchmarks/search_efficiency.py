@@ -33,6 +33,19 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import optuna
+import torch
+from transformers import AutoTokenizer
+
+from benchmarks.swarm_step import throughput
+from ptune_search.config import parse_config
+from ptune_search.data import TaskSpec, load_task
+from ptune_search.pretrained import resolve_model
+from ptune_search.search.driver import run_search
+from ptune_search.search.training import evaluate, train_step, trainable_parameters
+from ptune_search.search.trial import build_classifier, ptune_config_of
+from ptune_search.swarm.launcher import LocalSwarm
+
 MODES = ("ptune", "deep_ptune")
 
 
@@ -41,8 +54,6 @@ def emit(record: dict) -> None:
 
 
 def search_config(args: argparse.Namespace, output_dir: Path):
-    from ptune_search.config import parse_config
-
     return parse_config(
         {
             "model": args.model,
@@ -97,7 +108,6 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
 
 def run_distributed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """(a): the search, timed as a whole and broken down from its trials' results."""
-    from ptune_search.search.driver import run_search
 
     output_dir = work / "search"
     config = search_config(args, output_dir)
@@ -151,14 +161,6 @@ def run_distributed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def run_sequential(args: argparse.Namespace, trials: list[dict[str, Any]]) -> dict[str, Any]:
     """(b): the same trials one after another, local blocks, a plain loop driven by Optuna."""
-    import optuna
-    import torch
-    from transformers import AutoTokenizer
-
-    from ptune_search.data import TaskSpec, load_task
-    from ptune_search.pretrained import resolve_model
-    from ptune_search.search.training import evaluate, train_step, trainable_parameters
-    from ptune_search.search.trial import build_classifier, ptune_config_of
 
     started = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -219,9 +221,6 @@ def run_sequential(args: argparse.Namespace, trials: list[dict[str, Any]]) -> di
 
 def run_concurrency(args: argparse.Namespace) -> dict[int, float]:
     """Aggregate tokens/s of 1, 2, 4, 8 trial-like clients training at once on one 2-server swarm."""
-    from benchmarks.swarm_step import throughput
-    from ptune_search.pretrained import resolve_model
-    from ptune_search.swarm.launcher import LocalSwarm
 
     path = resolve_model(args.model)
     rates: dict[int, list[float]] = {clients: [] for clients in args.concurrency}
