@@ -286,7 +286,10 @@ def _fit(
             SEARCH_NAME, storage_path, callback, config.budget.max_failures, _disk(config, settings)
         ),
     )
-    return tuner.fit()
+    try:
+        return tuner.fit()
+    finally:
+        searcher.tell_ended()
 
 
 def _run_head_sweeps(

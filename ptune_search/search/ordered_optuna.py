@@ -78,6 +78,13 @@ class OrderedOptunaSearch(OptunaSearch):
         if len(self.order) >= self.num_samples:  # nothing left to propose: tell what has ended, in order
             self._tell_in_order(len(self.order) - 1)
 
+    def tell_ended(self) -> None:
+        """Tell the study every outcome still held back, in any order: the search stopped (a full disk, Ctrl-C),
+        and the study should show each ended trial as it ended. A resumed search may then propose from more
+        outcomes than an uninterrupted one would have."""
+        for trial_id in [trial_id for trial_id in self.order if trial_id in self.outcomes]:
+            self._tell(trial_id, *self.outcomes.pop(trial_id))
+
     def _tell_in_order(self, last: int) -> bool:
         """Tell the study the outcomes of trials ``0 .. last`` in order; False while one of them still runs."""
         while self.told <= last:
