@@ -154,8 +154,8 @@ def _run_search(
                 curves = trial_curves(grid, rows, METRIC)
                 best = best_finished_trial(rows, METRIC)
                 finals.update(final_checkpoints(grid))
-                tested = [row for row in (best, baseline, start) if row is not None]
-                tested = [row for index, row in enumerate(tested) if row not in tested[:index]]
+                start_row = start if start is not baseline else None  # one sweep serves both without a template
+                tested = [row for row in (best, baseline, start_row) if row is not None]
                 if inputs.task.test is not None:
                     figures = evaluate_checkpoints_on_test(
                         settings, {row["trial_id"]: finals[row["trial_id"]] for row in tested}, config.resources.cpu
@@ -177,7 +177,6 @@ def _run_search(
         scheduler = config.scheduler
         rungs = asha_rungs(scheduler.grace_period, scheduler.reduction_factor, config.budget.max_steps)
         shares = {"validation_share": validation_share(grid), "baseline_validation_share": baseline_share}
-        start_row = start if start is not baseline else None
         report = write_search_report(output_dir, rows, best, study, baseline, METRIC, curves, rungs, shares, start_row)
         now = int(time.time() * 1000)
         summary = {key: [value, now] for key, value in report.summary.items()}
