@@ -131,12 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ptune-search", description="Prompt-tuning hyperparameter search over a swarm of block servers."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_prepare_model, _add_demo, _add_swarm, _add_search, _add_export, _add_predict):
+        add_command(commands)
+    return parser
 
+
+def _add_prepare_model(commands: argparse._SubParsersAction) -> None:
     prepare = commands.add_parser("prepare-model", help="convert a packaged model into a Hugging Face folder")
     prepare.add_argument("alias", choices=sorted(PACKAGED_MODELS))
     prepare.add_argument("--out", default=None, help="target folder (default: a cache folder)")
     prepare.set_defaults(run=_prepare_model)
 
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="a short prompt-tuning run on local blocks")
     demo.add_argument("--model", default="smollm2-135m", help="model folder or packaged alias")
     demo.add_argument("--tuning-mode", default="ptune", choices=["ptune", "deep_ptune"])
@@ -145,12 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.set_defaults(run=_demo)
 
-    swarm = commands.add_parser("swarm", help="run a bootstrap peer, a block server, or a whole local swarm")
+
+def _add_swarm(commands: argparse._SubParsersAction) -> None:
     from ptune_search.swarm.__main__ import add_swarm_arguments, run_swarm_command
 
+    swarm = commands.add_parser("swarm", help="run a bootstrap peer, a block server, or a whole local swarm")
     add_swarm_arguments(swarm.add_subparsers(dest="command", required=True))
     swarm.set_defaults(run=run_swarm_command)
 
+
+def _add_search(commands: argparse._SubParsersAction) -> None:
     search = commands.add_parser("search", help="run the hyperparameter search an experiment config describes")
     search.add_argument("config", help="experiment config (YAML), e.g. experiments/smollm2_bbc_news.yaml")
     search.add_argument(
@@ -165,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--resume", action="store_true", help="continue an interrupted search in its output_dir")
     search.set_defaults(run=_search)
 
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="write the best trial's prompt (or a named run's) to a folder")
     export.add_argument(
         "--tracking-uri", required=True, help="the search's MLflow store, e.g. sqlite:///runs/tiny/mlflow.db"
@@ -189,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(run=_export)
 
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser("predict", help="classify texts with an exported prompt")
     predict.add_argument("--prompt", required=True, help="folder written by `ptune-search export`")
     texts = predict.add_mutually_exclusive_group(required=True)
@@ -203,7 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--json", action="store_true", help="one JSON object per text and line")
     predict.set_defaults(run=_predict)
-    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

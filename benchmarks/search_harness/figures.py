@@ -12,9 +12,9 @@ from typing import Any
 import optuna
 from mlflow import MlflowClient
 
-from ptune_search.search.driver import SEARCH_NAME
 from ptune_search.search.ordered_optuna import TUNE_TRIAL_ID_ATTR
 from ptune_search.search.tracking.records import ROLE_TAG, TRIAL_TAG
+from ptune_search.search.tune_runs import SEARCH_NAME
 
 OPTUNA_STATE_OF_RUN = {"FINISHED": "COMPLETE", "KILLED": "PRUNED", "FAILED": "FAIL"}
 

@@ -282,7 +282,11 @@ def distributed_config(
             f"{path} holds a {base.model_type!r} model, not {config_class.model_type!r}; "
             "use AutoDistributedModelForSequenceClassification to pick the family from the checkpoint"
         )
-    resolved, unused = config_class.from_dict(base.to_dict(), return_unused_kwargs=True, **settings)
+    fields = base.to_dict()
+    if "num_labels" in settings:  # the checkpoint's label map (2 labels unless it says) would contradict it
+        fields.pop("id2label", None)
+        fields.pop("label2id", None)
+    resolved, unused = config_class.from_dict(fields, return_unused_kwargs=True, **settings)
     if unused:
         raise TypeError(f"unknown settings {sorted(unused)}: not fields of {config_class.__name__}")
     validate_ptune_settings(resolved.tuning_mode, resolved.pre_seq_len)

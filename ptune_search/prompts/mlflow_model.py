@@ -29,7 +29,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
@@ -126,21 +126,44 @@ def register_prompt_model(
             info = Model.log(
                 artifact_path=None,
                 name=MODEL_NAME,
-                flavor=mlflow.pyfunc,
+                flavor=_PyfuncWithoutServingCheck,
                 run_id=manifest.parent_run_id,
                 python_model=str(Path(__file__).with_name(ENTRY_FILE)),
                 artifacts={PROMPT_ARTIFACT: str(folder)},
                 signature=SIGNATURE,
                 input_example=pd.DataFrame({TEXT_COLUMN: [_example_text(manifest.source.get("task", {}))]}),
                 pip_requirements=[f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS],
-                registered_model_name=registered_name,
-                await_registration_for=0,
+                # MLflow would load the model (its blocks too) to run the example; the prompt folder was read
+                # above, and the example is one text, as the signature says.
+                validate_serving_input=False,
             )
-    version = info.registered_model_version
+            # in the store's context too: the registry finds the logged model through the global tracking URI
+            version = _new_version(client, registered_name, info.model_uri, manifest.parent_run_id, info.model_id)
     client.set_model_version_tag(registered_name, str(version), SOURCE_TRIAL_TAG, run_id)
     if manifest.metric.value is not None:
         client.set_model_version_tag(registered_name, str(version), metric, str(manifest.metric.value))
     return client.get_model_version(registered_name, str(version))
+
+
+class _PyfuncWithoutServingCheck:
+    """``mlflow.pyfunc`` as ``Model.log``'s flavor, taking the ``validate_serving_input`` switch that pyfunc's own
+    ``save_model`` refuses (``Model.log`` hands every keyword to both)."""
+
+    @staticmethod
+    def save_model(validate_serving_input: bool = True, **kwargs: Any) -> None:
+        mlflow.pyfunc.save_model(**kwargs)
+
+
+def _new_version(client: MlflowClient, name: str, source: str, run_id: str, model_id: Optional[str]) -> int:
+    """A new version of registered model ``name`` (created if new), through the client: MLflow's fluent
+    registration prints its progress to stderr."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+            raise
+    created = client.create_model_version(name, source, run_id=run_id, model_id=model_id, await_creation_for=0)
+    return int(created.version)
 
 
 def register_search_prompt(tracking_uri: str, parent_run_id: str, run_id: str, registered_name: str) -> None:

@@ -2,8 +2,10 @@
 
 Without prompts the blocks are frozen and see the same input whatever the head does, so every candidate
 head can train on the same features: a batch goes through the blocks once, and each head takes its own
-optimizer step on the pooled features. The baseline costs one trial, yet its learning rate is searched over
-the same range as the prompts' (log-spaced candidates), which makes the comparison fair.
+optimizer step on the pooled features. For the same reason the validation split's features are computed once,
+and every later evaluation reads them again (4 evaluations cost what one does). The baseline costs one
+trial, yet its learning rate is searched over the same range as the prompts' (log-spaced candidates), which
+makes the comparison fair.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from typing import Optional
 
 import torch
 from torch import nn
@@ -36,6 +39,7 @@ class HeadSweep:
         self.heads = nn.ModuleList(copy.deepcopy(model.score) for _ in lrs)
         groups = [{"params": list(head.parameters()), "lr": lr} for head, lr in zip(self.heads, lrs)]
         self.optimizer = torch.optim.AdamW(groups)
+        self._split_features: dict[int, tuple[TokenizedSplit, torch.Tensor]] = {}  # id -> (split, its features)
 
     def _features(self, batch: Batch) -> torch.Tensor:
         """The pooled features the model hands its head (captured at ``score``'s input; blocks run once)."""
@@ -64,19 +68,28 @@ class HeadSweep:
         return StepResult(loss=total.item() / len(losses), tokens=tokens, seconds=time.perf_counter() - started)
 
     @torch.no_grad()
-    def evaluate(self, split: TokenizedSplit, batch_size: int) -> tuple[int, Evaluation]:
-        """Every head on ``split``; the best one (accuracy, then loss) is copied into ``model.score``."""
+    def evaluate(self, split: TokenizedSplit, batch_size: int, size: Optional[int] = None) -> tuple[int, Evaluation]:
+        """Every head on the first ``size`` examples of ``split`` (None: all); the best one (accuracy, then loss)
+        is copied into ``model.score``."""
         self.model.eval()
-        features = torch.cat([self._features(batch) for batch in split.batches(batch_size)])
+        features = self._features_of(split, batch_size)[:size]
+        labels = split.labels[:size]
         evaluations = []
         for head in self.heads:
             logits = head(features).float()
-            loss = nn.functional.cross_entropy(logits, split.labels).item()
-            accuracy = (logits.argmax(dim=-1) == split.labels).float().mean().item()
+            loss = nn.functional.cross_entropy(logits, labels).item()
+            accuracy = (logits.argmax(dim=-1) == labels).float().mean().item()
             evaluations.append(Evaluation(loss=loss, accuracy=accuracy, logits=logits))
         best = max(range(len(self.heads)), key=lambda index: (evaluations[index].accuracy, -evaluations[index].loss))
         self.model.score.load_state_dict(self.heads[best].state_dict())
         return best, evaluations[best]
+
+    def _features_of(self, split: TokenizedSplit, batch_size: int) -> torch.Tensor:
+        """The split's features, computed at its first evaluation (the split is kept, so its id stays its own)."""
+        if id(split) not in self._split_features:
+            features = torch.cat([self._features(batch) for batch in split.batches(batch_size)])
+            self._split_features[id(split)] = (split, features)
+        return self._split_features[id(split)][1]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         heads = enumerate(self.heads)

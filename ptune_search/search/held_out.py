@@ -28,6 +28,21 @@ class TestFigures:
     loss: float
 
 
+def add_test_figures(
+    settings: TrialSettings,
+    rows: list[dict[str, Any]],
+    checkpoints: dict[str, tuple[dict[str, Any], tune.Checkpoint]],
+    cpus: float,
+) -> None:
+    """Each row's ``test_accuracy`` and ``test_loss``, from its trial's final checkpoint."""
+    figures = evaluate_checkpoints_on_test(
+        settings, {row["trial_id"]: checkpoints[row["trial_id"]] for row in rows}, cpus
+    )
+    for row in rows:
+        row["test_accuracy"] = figures[row["trial_id"]].accuracy
+        row["test_loss"] = figures[row["trial_id"]].loss
+
+
 def evaluate_checkpoints_on_test(
     settings: TrialSettings, trials: dict[str, tuple[dict[str, Any], tune.Checkpoint]], cpus: float
 ) -> dict[str, TestFigures]:

@@ -218,7 +218,20 @@ def write_search_report(
             figure().write_html(output_dir / name, include_plotlyjs=True)
             files.append(output_dir / name)
         except (ValueError, RuntimeError) as error:  # e.g. importances need two finished trials
-            logger.warning("skipped %s: %s", name, error)
+            logger.info("skipped %s: %s", name, error)
+    summary = _summary(best, baseline, start, shares, metric)
+    _print_summary(table, best, baseline, start, shares, metric)
+    return SearchReport(summary, files)
+
+
+def _summary(
+    best: dict[str, Any],
+    baseline: Optional[dict[str, Any]],
+    start: Optional[dict[str, Any]],
+    shares: dict[str, Optional[float]],
+    metric: str,
+) -> dict[str, float]:
+    """The parent run's summary metrics."""
     summary = {f"best_{metric}": float(best[metric])}
     if best.get("test_accuracy") is not None:
         summary["best_test_accuracy"] = float(best["test_accuracy"])
@@ -232,6 +245,17 @@ def write_search_report(
         if start.get("test_accuracy") is not None:
             summary["start_head_test_accuracy"] = float(start["test_accuracy"])
     summary.update({key: float(value) for key, value in shares.items() if value is not None})
+    return summary
+
+
+def _print_summary(
+    table: pd.DataFrame,
+    best: dict[str, Any],
+    baseline: Optional[dict[str, Any]],
+    start: Optional[dict[str, Any]],
+    shares: dict[str, Optional[float]],
+    metric: str,
+) -> None:
     shown = table.drop(columns=["error"]) if table["error"].isna().all() else table
     print("\nTrials:\n" + shown.to_string(index=False))
     print(
@@ -251,7 +275,6 @@ def write_search_report(
         )
     if shares.get("validation_share") is not None:
         print(f"Validation took {shares['validation_share']:.1%} of the trials' training + validation time")
-    return SearchReport(summary, files)
 
 
 def _test(row: dict[str, Any]) -> str:

@@ -189,7 +189,7 @@ class PromptTuningTrial(tune.Trainable):
         started = time.perf_counter()
         extra: dict[str, Any] = {}
         if self.sweep is not None:
-            chosen, evaluation = self.sweep.evaluate(validation, settings.eval_batch_size)
+            chosen, evaluation = self.sweep.evaluate(self.task.validation, settings.eval_batch_size, len(validation))
             extra["baseline_lr"] = self.sweep.lrs[chosen]
         else:
             evaluation = evaluate(self.model, validation, settings.eval_batch_size)

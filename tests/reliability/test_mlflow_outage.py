@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from ptune_search.config import load_config
 from ptune_search.prompts.prompt_folder import TRIAL_ARTIFACTS
-from ptune_search.search.driver import OUTBOX_DIR, deliver_outbox
+from ptune_search.search.lifecycle import OUTBOX_DIR, SearchRecords
 from ptune_search.search.tracking.outbox import JOURNAL_FILE, REFUSED_FILE, TrackingOutbox
 from ptune_search.search.tracking.records import BEST_TAG, ROLE_TAG, TRIAL_TAG, SearchTracker
 from ptune_search.search.tracking.sender import OutboxSender, StoreUnreachable
@@ -164,7 +164,7 @@ def test_records_wait_while_the_server_is_down_and_arrive_after_a_restart(
         check_paths=False,
     )
     with OutboxSender(outbox, tracker) as sender, pytest.raises(StoreUnreachable) as unreachable:
-        deliver_outbox(sender, config)
+        SearchRecords(config, tracker, outbox, sender).deliver()
     assert f"MLflow at {mlflow_server.uri} unreachable, 3 operations waiting; retrying" in capsys.readouterr().out
     assert f"3 records it has not taken are kept in the outbox {outbox.directory}" in str(unreachable.value)
     assert "ptune-search search CONFIG --resume" in str(unreachable.value)

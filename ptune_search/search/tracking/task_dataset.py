@@ -5,7 +5,8 @@ searches on the same data show the same digest), where the data came from (the t
 corpus's folder and package) and the sizes of every split. The driver builds these once from the config,
 with the trials' own split function and seed, and the outbox carries them as JSON with each trial's start::
 
-    inputs = task_dataset_inputs(TaskSpec("bbc_news"), train_size=200, validation_size=50, seed=0)
+    splits = split_task(spec, train_size=200, validation_size=50, test_size=0, seed=0)
+    inputs = task_dataset_inputs(spec, splits, seed=0)
     client.log_inputs(run_id, [input.to_mlflow() for input in inputs])
 """
 
@@ -16,12 +17,12 @@ import hashlib
 import importlib.metadata
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mlflow.entities import DatasetInput
 
-    from ptune_search.data import Examples, TaskSpec
+    from ptune_search.data import Examples, TaskSpec, TaskSplits
 
 CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag for what the run did with a dataset (train, validation)
 DIGEST_CHARS = 16
@@ -50,19 +51,9 @@ class TaskDatasetInput:
         return cls(**fields)
 
 
-def task_dataset_inputs(
-    spec: "TaskSpec",
-    train_size: Optional[int],
-    validation_size: Optional[int],
-    seed: int,
-    test_size: Optional[int] = 0,
-) -> list[TaskDatasetInput]:
+def task_dataset_inputs(spec: "TaskSpec", parts: "TaskSplits", seed: int) -> list[TaskDatasetInput]:
     """The train and validation splits a trial of this task uses (and the held-out test split, when there is
-    one), split as the search splits them."""
-    from ptune_search.data import load_examples, stratified_splits
-
-    examples = load_examples(spec)
-    parts = stratified_splits(examples, train_size, validation_size, test_size, seed)
+    one); ``seed`` is the one they were split with."""
     splits = {"train": parts.train, "validation": parts.validation}
     if len(parts.test):
         splits["test"] = parts.test
@@ -75,8 +66,7 @@ def task_dataset_inputs(
         profile = {
             "num_rows": len(split),
             "split_sizes": sizes,
-            "num_examples": len(examples),
-            "label_names": examples.label_names,
+            "label_names": parts.train.label_names,
             "split_seed": seed,
         }
         inputs.append(
