@@ -7,8 +7,10 @@ there and sane: their values on the tiny model mean nothing.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +18,20 @@ from typing import Any, Sequence
 import pytest
 
 from benchmarks.search_harness.search_process import REPO, WatchedProcess, assert_no_survivors
+
+BENCHMARKS = sorted(path.stem for path in (REPO / "benchmarks").glob("*.py") if path.stem != "__init__")
+
+
+def short_runs() -> set[str]:
+    """Benchmarks that some test runs: as ``run_benchmark(NAME``, ``benchmarks.NAME`` or ``benchmarks/NAME.py``."""
+    text = "\n".join(path.read_text() for path in (REPO / "tests").rglob("*.py"))
+    return set(re.findall(r'run_benchmark\(\s*"(\w+)"', text)) | set(re.findall(r"benchmarks[./](\w+)", text))
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_imports_and_has_a_short_run_in_the_tests(name: str):
+    importlib.import_module(f"benchmarks.{name}")  # imports sit at the top: a broken one fails here, at once
+    assert name in short_runs(), f"benchmarks/{name}.py has no short run in tests/ (see tests/test_benchmarks.py)"
 
 
 def run_benchmark(name: str, args: Sequence[str], tmp_path: Path, timeout: float = 600) -> list[dict[str, Any]]:
