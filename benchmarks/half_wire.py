@@ -8,7 +8,8 @@ accuracy, median step time) and a summary with the largest loss difference from 
     {"benchmark": "half_wire", "wire_dtype": "float16", "losses": [...], "val_accuracy": 0.4, ...}
     {"benchmark": "half_wire_summary", "max_loss_difference": {"float16": 1e-4, "bfloat16": 2e-3}, ...}
 
-Run: ``python -m benchmarks.half_wire [--model smollm2-135m] [--steps 10] [--validation-size 40]``.
+Run: ``python -m benchmarks.half_wire [--model smollm2-135m] [--steps 10] [--validation-size 40]``
+(``tests/test_benchmarks.py`` runs it on ``--model tiny-llama`` for 2 steps).
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ import sys
 import time
 from typing import Optional, Sequence
 
+import torch
+from transformers import AutoTokenizer
+
+from ptune_search.data import TaskSpec, load_task
+from ptune_search.models.ptune import PTuneConfig
+from ptune_search.pretrained import resolve_model
+from ptune_search.search.training import evaluate, train_step, trainable_parameters
+from ptune_search.search.trial import build_classifier
+from ptune_search.swarm.client.client_config import ClientConfig
+from ptune_search.swarm.launcher import LocalSwarm
+
 WIRE_DTYPES = (None, "float16", "bfloat16")
 
 
@@ -31,18 +43,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--validation-size", type=int, default=40)
     parser.add_argument("--lr", type=float, default=1e-2)
     args = parser.parse_args(argv)
-
-    import torch
-    from transformers import AutoTokenizer
-
-    from ptune_search.data import TaskSpec, load_task
-    from ptune_search.models.ptune import PTuneConfig
-    from ptune_search.pretrained import resolve_model
-    from ptune_search.search.training import evaluate, train_step, trainable_parameters
-    from ptune_search.search.trial import build_classifier
-    from ptune_search.swarm.client.client_config import ClientConfig
-    from ptune_search.swarm.launcher import LocalSwarm
-
     path = str(resolve_model(args.model))
     tokenizer = AutoTokenizer.from_pretrained(path)
     task = load_task(TaskSpec(), tokenizer, 64, 400, args.validation_size, 0)

@@ -18,7 +18,8 @@ swarm (``benchmarks.swarm_step.throughput``). Prints JSON lines; the last is the
     {"benchmark": "search_efficiency_summary", "search_over_sequential": 0.93,
      "concurrent_over_local_throughput": 0.95, "tokens_per_s_by_concurrency": {...}, ...}
 
-Run: ``python -m benchmarks.search_efficiency [--model smollm2-135m] [--trials 4] [--steps 20] [--eval-every 10]``.
+Run from the repository root: ``python -m benchmarks.search_efficiency [--model smollm2-135m] [--trials 4]
+[--steps 20] [--eval-every 10]``. ``tests/test_benchmarks.py`` runs all of it on the tiny model, 2 trials of 2 steps.
 """
 
 from __future__ import annotations

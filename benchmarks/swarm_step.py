@@ -11,7 +11,8 @@ machine's cores (see ``ptune_search.swarm.server.host_cores``) unless ``--no-sha
     {"benchmark": "swarm_throughput", "clients": 4, "tokens_per_s": 231.0, ...}
     {"benchmark": "swarm_throughput_summary", "median_tokens_per_s": {"1": 170.2, "2": ..., "4": ...}, ...}
 
-Run: ``python benchmarks/swarm_step.py [--model smollm2-135m] [--steps 5] [--clients 1 2 4]``.
+Run: ``python -m benchmarks.swarm_step [--model smollm2-135m] [--steps 5] [--clients 1 2 4]``
+(``tests/test_benchmarks.py`` runs it on ``--model tiny-llama`` with one step and one round).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import queue
 import statistics
 import sys
 import time
@@ -27,6 +29,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
+from ptune_search.pretrained import resolve_model
+from ptune_search.swarm.launcher import LocalSwarm
 
 BATCH, LENGTH, PRE_SEQ_LEN, NUM_LABELS = 8, 64, 16, 5
 WARMUP_PAIRS = 2
@@ -42,8 +48,6 @@ def make_batch(seed: int, vocab_size: int) -> dict[str, torch.Tensor]:
 
 
 def build_model(path: Path, mode: str, initial_peers: Optional[Sequence[str]] = None):
-    from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
-
     settings = dict(num_labels=NUM_LABELS, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN, request_timeout=120.0)
     if initial_peers:
         return AutoDistributedModelForSequenceClassification.from_pretrained(
@@ -143,9 +147,21 @@ def throughput(path: Path, peers: list[str], clients: int, mode: str, steps: int
     ]
     for process in processes:
         process.start()
-    spans = [results.get(timeout=1800) for _ in processes]
-    for process in processes:
-        process.join(60)
+    spans: list[tuple[float, float]] = []
+    try:
+        while len(spans) < clients:
+            try:
+                spans.append(results.get(timeout=1.0))
+            except queue.Empty:  # a client that died would leave the others waiting at the barrier for ever
+                failed = [process.exitcode for process in processes if process.exitcode not in (None, 0)]
+                if failed:
+                    message = f"{len(failed)} of {clients} client processes failed (exit codes {failed})"
+                    raise RuntimeError(message) from None
+    finally:
+        for process in processes:
+            process.join(60 if len(spans) == clients else 0)
+            if process.is_alive():
+                process.terminate()
     wall = max(end for _, end in spans) - min(start for start, _ in spans)
     tokens = clients * steps * BATCH * LENGTH
     return {
@@ -193,10 +209,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         help="servers compute at the same time instead of taking turns on the cores",
     )
     args = parser.parse_args(argv)
-
-    from ptune_search.pretrained import resolve_model
-    from ptune_search.swarm.launcher import LocalSwarm
-
     path = resolve_model(args.model)
     with LocalSwarm(path, servers=2, num_threads=args.server_threads, share_cores=args.share_cores) as swarm:
         for mode in args.modes:

@@ -2,9 +2,12 @@
 
 Each measured process is a fresh interpreter that builds the SmolLM2-135M classifier the way a trial does
 (``ptune_search.search.trial.build_classifier``), runs one training step (batch 8 x 64 tokens, pre_seq_len 16) and
-reports its peak RSS and the time from interpreter start to the end of that step. Prints JSON lines.
+reports its peak RSS and the time from interpreter start to the end of that step. Prints JSON lines; the last
+holds the client's figures over the whole model's.
 
-    python benchmarks/trial_footprint.py [--model smollm2-135m] [--servers 2]
+    python -m benchmarks.trial_footprint [--model smollm2-135m] [--servers 2]
+
+``tests/test_benchmarks.py`` runs it on ``--model tiny-llama --servers 1``.
 """
 
 from __future__ import annotations
@@ -15,30 +18,34 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-PROCESS_START = time.time()
+import psutil
+import torch
+
+from ptune_search.models.ptune import PTuneConfig
+from ptune_search.pretrained import resolve_model
+from ptune_search.search.training import train_step, trainable_parameters
+from ptune_search.search.trial import build_classifier
+from ptune_search.swarm.client.client_config import ClientConfig
+from ptune_search.swarm.launcher import LocalSwarm
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def measure(model: str, initial_peers: list[str]) -> dict:
     """Runs inside the measured process."""
-    import torch
-
-    from ptune_search.models.ptune import PTuneConfig
-    from ptune_search.search.training import train_step, trainable_parameters
-    from ptune_search.search.trial import build_classifier
-    from ptune_search.swarm.client.client_config import ClientConfig
-
     torch.manual_seed(0)
     swarm = ClientConfig(initial_peers=initial_peers) if initial_peers else None
     classifier = build_classifier(model, 5, 2, PTuneConfig(16, "ptune"), swarm)
     optimizer = torch.optim.AdamW(trainable_parameters(classifier), lr=1e-3)
     batch = {
-        "input_ids": torch.randint(0, 40000, (8, 64)),
+        "input_ids": torch.randint(0, classifier.config.vocab_size, (8, 64)),
         "attention_mask": torch.ones(8, 64, dtype=torch.long),
         "labels": torch.randint(0, 5, (8,)),
     }
     train_step(classifier, optimizer, batch)
-    first_step_s = time.time() - PROCESS_START
+    first_step_s = time.time() - psutil.Process().create_time()  # from the interpreter's start, imports included
     parameters = sum(p.numel() for p in classifier.parameters())
     classifier.close()
     return {
@@ -49,8 +56,10 @@ def measure(model: str, initial_peers: list[str]) -> dict:
 
 
 def run_measured_process(model: str, initial_peers: list[str]) -> dict:
-    args = [sys.executable, __file__, "--measure", "--model", model, "--initial-peers", *initial_peers]
-    completed = subprocess.run(args, capture_output=True, text=True, check=True)
+    args = [sys.executable, "-m", "benchmarks.trial_footprint", "--measure", "--model", model]
+    completed = subprocess.run([*args, "--initial-peers", *initial_peers], capture_output=True, text=True, cwd=REPO)
+    if completed.returncode != 0:
+        raise RuntimeError(f"the measured process failed:\n{completed.stderr[-3000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -65,14 +74,12 @@ def main() -> None:
         print(json.dumps(measure(args.model, args.initial_peers)))
         return
 
-    from ptune_search.pretrained import resolve_model
-    from ptune_search.swarm.launcher import LocalSwarm
-
     model = str(resolve_model(args.model))
-    whole = {"process": "whole model (local blocks)", **run_measured_process(model, [])}
+    whole = {"benchmark": "trial_footprint", "process": "whole model (local blocks)", **run_measured_process(model, [])}
     print(json.dumps(whole), flush=True)
     with LocalSwarm(model, servers=args.servers) as swarm:
         client = {
+            "benchmark": "trial_footprint",
             "process": f"trial client ({args.servers}-server swarm)",
             **run_measured_process(model, swarm.initial_peers),
         }
@@ -80,6 +87,8 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "benchmark": "trial_footprint_summary",
+                "model": args.model,
                 "rss_ratio_client_over_whole": client["peak_rss_mib"] / whole["peak_rss_mib"],
                 "first_step_ratio_client_over_whole": client["start_to_first_step_s"] / whole["start_to_first_step_s"],
             }

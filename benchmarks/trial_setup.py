@@ -6,16 +6,35 @@ its first step; (b) one actor taking the same trials one after another, as Tune'
 Prints JSON lines: the parts of a fresh setup timed in this process, each trial's setup on both sides, and
 last the means and ``reused_over_fresh`` (mean reused setup / mean fresh setup, actor start included).
 
-    python benchmarks/trial_setup.py [--model smollm2-135m] [--servers 2]
+    python -m benchmarks.trial_setup [--model smollm2-135m] [--servers 2] [--trials 3]
+
+``tests/test_benchmarks.py`` runs it on ``--model tiny-llama --servers 1 --trials 2``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 from typing import Any, Callable, TypeVar
+
+import ray
+import torch
+from ray import tune
+from transformers import AutoTokenizer
+
+from ptune_search.data import TaskSpec, load_task
+from ptune_search.models.distributed import _load_client_weights, distributed_config
+from ptune_search.models.fingerprint import model_fingerprint
+from ptune_search.models.registry import checkpoint_model_type, family_of
+from ptune_search.pretrained import resolve_model
+from ptune_search.search.trial import PromptTuningTrial, TrialSettings, ptune_config_of
+from ptune_search.swarm.client.client_config import ClientConfig
+from ptune_search.swarm.client.remote_chain import RemoteBlockChain
+from ptune_search.swarm.launcher import LocalSwarm
+from ptune_search.swarm.protocol import ServedModel
 
 T = TypeVar("T")
 
@@ -35,18 +54,6 @@ def timed(parts: dict[str, float], name: str, call: Callable[[], T]) -> T:
 
 def setup_parts(model_path: str, settings: Any, config: dict[str, Any]) -> dict[str, float]:
     """A fresh setup's parts, one by one, with the functions ``PromptTuningTrial.setup`` calls."""
-    import dataclasses
-
-    import torch
-    from transformers import AutoTokenizer
-
-    from ptune_search.models.distributed import _load_client_weights, distributed_config
-    from ptune_search.models.fingerprint import model_fingerprint
-    from ptune_search.models.registry import checkpoint_model_type, family_of
-    from ptune_search.search.trial import PromptTuningTrial, ptune_config_of
-    from ptune_search.swarm.client.remote_chain import RemoteBlockChain
-    from ptune_search.swarm.protocol import ServedModel
-
     parts: dict[str, float] = {}
     tokenizer = timed(parts, "tokenizer", lambda: AutoTokenizer.from_pretrained(model_path))
     ptune = ptune_config_of(config)
@@ -81,18 +88,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="model alias or checkpoint folder")
     parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=len(TRIALS), choices=range(1, len(TRIALS) + 1))
     args = parser.parse_args()
-
-    import ray
-    from ray import tune
-    from transformers import AutoTokenizer
-
-    from ptune_search.data import TaskSpec, load_task
-    from ptune_search.pretrained import resolve_model
-    from ptune_search.search.trial import PromptTuningTrial, TrialSettings
-    from ptune_search.swarm.client.client_config import ClientConfig
-    from ptune_search.swarm.launcher import LocalSwarm
-
+    trials = TRIALS[: args.trials]
     model_path = str(resolve_model(args.model))
     task = load_task(
         TaskSpec(), AutoTokenizer.from_pretrained(model_path), 64, train_size=200, validation_size=50, seed=0
@@ -113,16 +111,16 @@ def main() -> None:
         try:
             trial_class = ray.remote(num_cpus=1)(tune.with_parameters(PromptTuningTrial, settings=settings))
             fresh, reused = [], []
-            for config in TRIALS:
+            for config in trials:
                 started = time.perf_counter()
                 actor = trial_class.remote(dict(config))
                 ray.get(actor.get_current_ip_pid.remote())  # answers once setup is done
                 fresh.append(time.perf_counter() - started)
                 ray.kill(actor)
-            actor = trial_class.remote(dict(TRIALS[-1]))
+            actor = trial_class.remote(dict(trials[-1]))
             try:
                 ray.get(actor.get_current_ip_pid.remote())
-                for config in TRIALS:
+                for config in trials:
                     started = time.perf_counter()
                     assert ray.get(actor.reset.remote(dict(config)))
                     reused.append(time.perf_counter() - started)
@@ -130,7 +128,7 @@ def main() -> None:
                 ray.kill(actor)
         finally:
             ray.shutdown()
-    for config, fresh_s, reused_s in zip(TRIALS, fresh, reused):
+    for config, fresh_s, reused_s in zip(trials, fresh, reused):
         record = {"benchmark": "trial_setup", "side": "trial", **config, "fresh_actor_s": round(fresh_s, 3)}
         print(json.dumps({**record, "reused_actor_s": round(reused_s, 3)}))
     summary = {

@@ -1,30 +1,158 @@
-"""The benchmarks run: each at a budget small enough for CI, on the tiny model, so they cannot rot."""
+"""The benchmarks run: each at a budget small enough for CI, on the tiny model, so they cannot rot.
+
+Each runs as the docs say, ``python -m benchmarks.<name>`` from the repository root, in its own process whose
+every descendant (swarm servers, p2p daemons, Ray) is ended by the test. The figures are only checked to be
+there and sane: their values on the tiny model mean nothing.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
-import subprocess
+import re
 import sys
+from pathlib import Path
+from typing import Any, Sequence
 
 import pytest
 
-from benchmarks.search_quality import REPO
+from benchmarks.search_harness.search_process import REPO, WatchedProcess, assert_no_survivors
+
+BENCHMARKS = sorted(path.stem for path in (REPO / "benchmarks").glob("*.py") if path.stem != "__init__")
+
+
+def short_runs() -> set[str]:
+    """Benchmarks that some test runs: as ``run_benchmark(NAME``, ``benchmarks.NAME`` or ``benchmarks/NAME.py``."""
+    text = "\n".join(path.read_text() for path in (REPO / "tests").rglob("*.py"))
+    return set(re.findall(r'run_benchmark\(\s*"(\w+)"', text)) | set(re.findall(r"benchmarks[./](\w+)", text))
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_imports_and_has_a_short_run_in_the_tests(name: str):
+    importlib.import_module(f"benchmarks.{name}")  # imports sit at the top: a broken one fails here, at once
+    assert name in short_runs(), f"benchmarks/{name}.py has no short run in tests/ (see tests/test_benchmarks.py)"
+
+
+def run_benchmark(name: str, args: Sequence[str], tmp_path: Path, timeout: float = 600) -> list[dict[str, Any]]:
+    """The JSON lines ``python -m benchmarks.<name> ARGS`` printed (libraries may print other lines too)."""
+    stdout = tmp_path / f"{name}.out"
+    benchmark = WatchedProcess([sys.executable, "-m", f"benchmarks.{name}", *args], tmp_path / f"{name}.log", stdout)
+    try:
+        assert benchmark.wait(timeout) == 0, benchmark.log()[-5000:]
+        assert_no_survivors(benchmark)
+    finally:
+        benchmark.kill_everything()
+    lines = stdout.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{") and '"benchmark"' in line]
+
+
+def of(records: list[dict[str, Any]], benchmark: str) -> list[dict[str, Any]]:
+    return [record for record in records if record["benchmark"] == benchmark]
+
+
+def assert_positive(record: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        value = record[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, record)
+
+
+def assert_finite(figures: dict[str, Any]) -> None:
+    for key, value in figures.items():
+        assert isinstance(value, (int, float)) and math.isfinite(value), (key, figures)
+
+
+def test_trial_footprint_measures_a_whole_model_process_and_a_trial_client(tmp_path):
+    records = run_benchmark("trial_footprint", ["--model", "tiny-llama", "--servers", "1"], tmp_path)
+    whole, client = of(records, "trial_footprint")
+    (summary,) = of(records, "trial_footprint_summary")
+    for process in (whole, client):
+        assert_positive(process, "peak_rss_mib", "start_to_first_step_s", "parameters_in_process")
+    assert client["parameters_in_process"] < whole["parameters_in_process"]  # the blocks stay on the swarm
+    assert summary["rss_ratio_client_over_whole"] == pytest.approx(client["peak_rss_mib"] / whole["peak_rss_mib"])
+    assert_positive(summary, "rss_ratio_client_over_whole", "first_step_ratio_client_over_whole")
+
+
+def test_swarm_step_compares_local_and_swarm_steps_and_measures_concurrent_clients(tmp_path):
+    args = ["--model", "tiny-llama", "--steps", "1", "--clients", "1", "2", "--throughput-steps", "1", "--rounds", "1"]
+    records = run_benchmark("swarm_step", args, tmp_path)
+    steps = of(records, "swarm_step")
+    assert [step["mode"] for step in steps] == ["ptune", "deep_ptune"]
+    for step in steps:
+        assert_positive(step, "local_median_s", "swarm_median_s", "ratio", "paired_ratio_median")
+        assert step["failed_calls"] == 0 and step["swarm_recomputes"] == 0
+    throughputs = of(records, "swarm_throughput")
+    assert [record["clients"] for record in throughputs] == [1, 2]
+    for record in throughputs:
+        assert record["tokens"] == record["clients"] * 1 * 8 * 64  # clients x steps x batch x tokens
+        assert_positive(record, "wall_s", "tokens_per_s")
+    (summary,) = of(records, "swarm_throughput_summary")
+    assert set(summary["median_tokens_per_s"]) == {"1", "2"}
+    assert_positive(summary["median_tokens_per_s"], "1", "2")
+    assert_positive(summary, "ratio_2_to_1_clients")
+
+
+def test_half_wire_trains_alike_with_every_wire_dtype(tmp_path):
+    records = run_benchmark("half_wire", ["--model", "tiny-llama", "--steps", "2", "--validation-size", "10"], tmp_path)
+    runs = {run["wire_dtype"]: run for run in of(records, "half_wire")}
+    assert list(runs) == ["float32", "float16", "bfloat16"]
+    for run in runs.values():
+        assert len(run["losses"]) == 2 and all(math.isfinite(loss) and loss > 0 for loss in run["losses"])
+        assert_positive(run, "val_loss", "median_step_s")
+        assert 0 <= run["val_accuracy"] <= 1
+    (summary,) = of(records, "half_wire_summary")
+    differences = summary["max_loss_difference"]
+    assert differences["float32"] == 0
+    assert_finite(differences)
+    assert max(differences.values()) < 0.1  # 16-bit hidden states change the loss a little, not the training
+
+
+@pytest.mark.slow  # a private Ray and fresh trial actors
+def test_trial_setup_times_fresh_and_reused_trial_actors(tmp_path):
+    args = ["--model", "tiny-llama", "--servers", "1", "--trials", "2"]
+    records = run_benchmark("trial_setup", args, tmp_path)
+    parts, *trials, summary = of(records, "trial_setup")
+    assert parts["side"] == "parts" and [trial["side"] for trial in trials] == ["trial", "trial"]
+    assert_finite({key: value for key, value in parts.items() if key not in ("benchmark", "side")})
+    assert_positive(parts, "swarm_join", "client_weights", "whole_setup_in_process", "whole_reset_config")
+    for trial in trials:
+        assert_positive(trial, "fresh_actor_s", "reused_actor_s")
+    assert_positive(summary, "fresh_actor_setup_s", "reused_actor_setup_s", "reused_over_fresh")
+
+
+@pytest.mark.slow  # a whole search on a private Ray, then the same trials in a loop, then concurrent clients
+def test_search_efficiency_runs_both_sides_and_the_concurrency_sweep_in_one_run(tmp_path):
+    args = ["--model", "tiny-llama", "--trials", "2", "--steps", "2", "--eval-every", "1", "--batch-size", "4"]
+    args += ["--max-length", "16", "--train-size", "40", "--validation-size", "10", "--test-size", "10"]
+    args += ["--pre-seq-len", "2", "--concurrency", "1", "2", "--concurrency-steps", "1"]
+    records = run_benchmark("search_efficiency", args, tmp_path)
+    search, sequential = of(records, "search_efficiency")
+    assert (search["side"], sequential["side"]) == ("search", "sequential")
+    assert len(search["trials"]) == 2
+    for side in (search, sequential):
+        assert_positive(side, "wall_s", "train_tokens", "aggregate_train_tokens_per_s")
+        assert 0 <= side["best_test_accuracy"] <= 1
+    assert_finite(search["wall_breakdown_s"])
+    assert_finite(search["trial_breakdown_s"])
+    assert_finite(sequential["breakdown_s"])
+    assert [record["clients"] for record in of(records, "search_efficiency_concurrency")] == [1, 2]
+    (summary,) = of(records, "search_efficiency_summary")
+    assert_positive(summary, "search_over_sequential", "concurrent_over_local_throughput")
+    assert set(summary["tokens_per_s_by_concurrency"]) == {"1", "2"}
+    assert_positive(summary["tokens_per_s_by_concurrency"], "1", "2")
 
 
 @pytest.mark.slow
-def test_search_quality_prints_a_line_per_search_and_the_gains_per_task():
+def test_search_quality_prints_a_line_per_search_and_the_gains_per_task(tmp_path):
     tiny = str(REPO / "experiments" / "tiny.yaml")
     args = ["--configs", tiny, "--seeds", "0", "1", "--set", "budget.num_samples=2", "--set", "task.test_size=60"]
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.search_quality", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=900,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    *searches, last = [json.loads(line) for line in completed.stdout.strip().splitlines()]
+    stdout = tmp_path / "search_quality.out"
+    benchmark = WatchedProcess([sys.executable, "-m", "benchmarks.search_quality", *args], tmp_path / "log", stdout)
+    try:
+        assert benchmark.wait(900) == 0, benchmark.log()[-3000:]
+    finally:
+        benchmark.kill_everything()
+    *searches, last = [json.loads(line) for line in stdout.read_text().strip().splitlines()]
     assert [(run["task"], run["seed"]) for run in searches] == [("tiny", 0), ("tiny", 1)]
     for run in searches:
         assert run["gain_over_baseline"] == pytest.approx(run["best_test_accuracy"] - run["baseline_test_accuracy"])

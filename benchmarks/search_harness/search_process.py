@@ -1,4 +1,5 @@
-"""A search driver run as a user would, in its own process, with every process it starts accounted for."""
+"""A search driver (or a benchmark) run as a user would, in its own process, with every process it starts
+accounted for."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import psutil
 
@@ -15,17 +16,20 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "experiments" / "tiny.yaml"
 
 
-class SearchProcess:
-    """A search driver in its own session; records all its descendants so none can outlive the test."""
+class WatchedProcess:
+    """A command run from the repository root in its own session; records all its descendants so none can
+    outlive the test. Its output goes to ``log_file``, or only its stderr when ``stdout_file`` takes stdout."""
 
-    def __init__(self, config: Path, overrides: Sequence[str], log_file: Path, extra_args: Sequence[str] = ()):
-        args = [sys.executable, "-m", "ptune_search.cli", "search", str(config), *extra_args]
-        for override in overrides:
-            args += ["--set", override]
+    def __init__(self, args: Sequence[str], log_file: Path, stdout_file: Optional[Path] = None):
         self.log_file = log_file
         self._log = open(log_file, "ab")
+        self._stdout = open(stdout_file, "wb") if stdout_file is not None else None
         self.process = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO
+            args,
+            stdout=self._stdout or self._log,
+            stderr=self._log if self._stdout else subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO,
         )
         self.seen: dict[int, float] = {}
         self._watching = True
@@ -82,14 +86,26 @@ class SearchProcess:
                 continue
         self.process.wait(10)
         self._log.close()
+        if self._stdout is not None:
+            self._stdout.close()
 
 
-def assert_no_survivors(search: SearchProcess, grace: float = 30.0) -> None:
+class SearchProcess(WatchedProcess):
+    """A search driver (``ptune-search search CONFIG``), watched as above."""
+
+    def __init__(self, config: Path, overrides: Sequence[str], log_file: Path, extra_args: Sequence[str] = ()):
+        args = [sys.executable, "-m", "ptune_search.cli", "search", str(config), *extra_args]
+        for override in overrides:
+            args += ["--set", override]
+        super().__init__(args, log_file)
+
+
+def assert_no_survivors(search: WatchedProcess, grace: float = 30.0) -> None:
     survivors = search.survivors(grace)
     assert not survivors, "processes outlived the search:\n" + "\n".join(survivors)
 
 
-def wait_for(search: SearchProcess, condition: Callable[[], bool], timeout: float = 300.0) -> None:
+def wait_for(search: WatchedProcess, condition: Callable[[], bool], timeout: float = 300.0) -> None:
     """Poll ``condition`` while the search runs; fail with the driver's log if it ends or times out first."""
     deadline = time.monotonic() + timeout
     while not condition():

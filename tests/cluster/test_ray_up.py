@@ -52,6 +52,7 @@ def ray_cli(head: LoopbackHead, *args: str, timeout: float) -> int:
     )
 
 
+@pytest.mark.timeout(2400)  # its waits: 600 + 900 + 300 + 300 s
 def test_ray_up_submit_down_records_the_search_in_the_heads_mlflow(loopback_head):
     head, cluster_name = loopback_head
     # ray down runs `ray stop` on the head: it must reach the head's own stop, never Ray's (which stops every Ray here).

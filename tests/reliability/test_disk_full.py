@@ -26,6 +26,7 @@ from ptune_search.pretrained import resolve_model
 from ptune_search.search.disk_space import OutputDisk, OutputDiskFull, full_disk_reported, is_disk_full
 from tests.search.search_process import TINY_CONFIG, SearchProcess, assert_no_survivors, wait_for
 from tests.search.store_views import metric_steps, mlflow_client, runs_by_role, study_states, trial_runs
+from tests.unavailable import unavailable
 
 MIB = 1 << 20
 
@@ -35,7 +36,7 @@ def _mount_tmpfs(folder: Path, size_mib: int) -> None:
     command = ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "tmpfs", str(folder)]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {completed.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs here (needs root): {completed.stderr.strip()}")
 
 
 def _unmount(folder: Path) -> None:

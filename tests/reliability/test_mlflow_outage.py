@@ -215,6 +215,7 @@ def trial_metrics_stored(client: MlflowClient) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # its waits: 600 s, a minute of outage, 600 s
 def test_a_search_goes_on_through_a_minute_of_mlflow_outage_and_records_everything(
     mlflow_server: MlflowServer, tmp_path: Path
 ):

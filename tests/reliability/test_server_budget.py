@@ -57,6 +57,7 @@ def memory_kib(pid: int, field: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # its waits: 300 + 900 s, after a swarm's start
 def test_sixteen_clients_at_once_stay_within_the_budget_and_every_step_succeeds(budget_model, swarm):
     config = AutoConfig.from_pretrained(budget_model)
     local = LlamaBlockSpan.from_checkpoint(budget_model, config, 0, NUM_BLOCKS)

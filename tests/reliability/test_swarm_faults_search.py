@@ -64,6 +64,7 @@ def tune_errors(output: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2100)  # its waits: 600 + 300 + 300 + 600 s, after a swarm's start
 def test_trials_ride_out_a_dead_replica_and_resume_after_a_dead_span_is_replaced(start_swarm, run_search, tmp_path):
     swarm = start_swarm(2)  # blocks 0:2 and 2:4, one server each ...
     replica = swarm.start_server(0, 2)  # ... and a second server for blocks 0:2

@@ -34,7 +34,13 @@ def metric_steps(output_dir: Path, run: Run, key: str) -> list[int]:
     return sorted(m.step for m in mlflow_client(output_dir).get_metric_history(run.info.run_id, key))
 
 
+def study_trials(output_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="search", storage=f"sqlite:///{output_dir / 'optuna.db'}").trials
+
+
 def study_states(output_dir: Path) -> dict[str, str]:
     """Tune trial id (or ``#number`` for a study trial Tune never ran) -> Optuna state name."""
-    study = optuna.load_study(study_name="search", storage=f"sqlite:///{output_dir / 'optuna.db'}")
-    return {trial.user_attrs.get(TUNE_TRIAL_ID_ATTR, f"#{trial.number}"): trial.state.name for trial in study.trials}
+    return {
+        trial.user_attrs.get(TUNE_TRIAL_ID_ATTR, f"#{trial.number}"): trial.state.name
+        for trial in study_trials(output_dir)
+    }

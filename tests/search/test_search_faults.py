@@ -30,6 +30,7 @@ def finished_trials(output) -> int:
     return sum(run.info.status == "FINISHED" for run in started_trial_runs(output).values())
 
 
+@pytest.mark.timeout(1800)  # its waits: 600 + 30 + 900 + 150 s
 def test_resume_after_sigkill_of_the_driver_reruns_nothing(run_search, tmp_path):
     output = tmp_path / "search"
     first = run_search(LONG_TRIALS)
@@ -65,6 +66,7 @@ def test_resume_after_sigkill_of_the_driver_reruns_nothing(run_search, tmp_path)
     assert_no_survivors(second)
 
 
+@pytest.mark.timeout(1800)  # its waits: 600 + 120 + 900 s
 def test_ctrl_c_stops_everything_and_the_search_resumes(run_search, tmp_path):
     output = tmp_path / "search"
     search = run_search(LONG_TRIALS)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -47,6 +49,25 @@ def living(predicate: Callable[[tuple[int, int, int, str, str]], bool], wait: fl
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 120.0) -> None:
+    """Return once ``condition()`` holds: tests wait for the state they need, not for a guessed delay."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still not true after {timeout}s: {condition}"
+        await asyncio.sleep(0.001)
+
+
+def started_task(release: threading.Event) -> tuple[threading.Event, Callable[[], bool]]:
+    """A queue task that blocks the worker until ``release``, and the event that says it has started."""
+    started = threading.Event()
+
+    def task() -> bool:
+        started.set()
+        return release.wait()
+
+    return started, task
 
 
 def p2pd_children_of_this_process() -> list[tuple]:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import pytest
 import torch
-from swarm_testing import swarm_config
+from swarm_testing import started_task, swarm_config, until
 
 from ptune_search.models.llama.model import LlamaBlockSpan
 from ptune_search.swarm.server.checks import SpanRequest
@@ -92,11 +92,12 @@ def test_fair_queue_merges_waiting_work_of_other_clients_within_its_limits_and_i
     queue = FairQueue(merge_limits=MergeLimits(max_tokens=40, max_bytes=10**6))
     queue.start()
     release = threading.Event()
+    started, blocking = started_task(release)
     batches: list[list[str]] = []
 
     async def scenario():
-        blocker = asyncio.ensure_future(queue.run("x", release.wait))
-        await asyncio.sleep(0.05)
+        blocker = asyncio.ensure_future(queue.run("x", blocking))
+        await until(started.is_set)
         submitted = [
             ("a", mergeable("fwd", 2, 5, "a0", batches)),
             ("a", mergeable("fwd", 2, 5, "a1", batches)),  # the same client's next request waits its turn
@@ -105,7 +106,7 @@ def test_fair_queue_merges_waiting_work_of_other_clients_within_its_limits_and_i
             ("d", mergeable("fwd", 1, 5, "d0", batches)),  # would make 5 rows x 10 > 40
         ]
         futures = [asyncio.ensure_future(queue.run_mergeable(client, work)) for client, work in submitted]
-        await asyncio.sleep(0.05)
+        await until(lambda: queue.pending == len(submitted))
         release.set()
         await blocker
         return await asyncio.gather(*futures)
@@ -124,13 +125,14 @@ def test_fair_queue_never_merges_with_max_tokens_zero():
     queue = FairQueue(merge_limits=MergeLimits(max_tokens=0))
     queue.start()
     release = threading.Event()
+    started, blocking = started_task(release)
     batches: list[list[str]] = []
 
     async def scenario():
-        blocker = asyncio.ensure_future(queue.run("x", release.wait))
-        await asyncio.sleep(0.05)
+        blocker = asyncio.ensure_future(queue.run("x", blocking))
+        await until(started.is_set)
         futures = [asyncio.ensure_future(queue.run_mergeable(c, mergeable("k", 1, 1, c, batches))) for c in "abc"]
-        await asyncio.sleep(0.05)
+        await until(lambda: queue.pending == 3)
         release.set()
         await blocker
         await asyncio.gather(*futures)
@@ -143,14 +145,16 @@ def test_fair_queue_never_merges_with_max_tokens_zero():
 
 
 def test_fair_queue_waits_briefly_for_a_client_that_was_active_lately():
-    queue = FairQueue(merge_limits=MergeLimits(max_wait=5.0))
+    queue = FairQueue(merge_limits=MergeLimits(max_wait=120.0))
+    queue.ACTIVE_SECONDS = 120.0  # b counts as active however slowly a loaded machine gets to a0
     queue.start()
     batches: list[list[str]] = []
 
     async def scenario():
         await queue.run_mergeable("b", mergeable("k", 1, 1, "b0", batches))  # b is active from now on
         first = asyncio.ensure_future(queue.run_mergeable("a", mergeable("k", 1, 1, "a0", batches)))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0)  # a0 is submitted
+        await until(lambda: queue.pending == 0)  # the worker took a0 and waits for b, which was active lately
         second = asyncio.ensure_future(queue.run_mergeable("b", mergeable("k", 1, 1, "b1", batches)))
         await asyncio.gather(first, second)
 

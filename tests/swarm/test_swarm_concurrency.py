@@ -14,7 +14,8 @@ from swarm_testing import LIMIT_ARGS, SwarmRegistry, classification_batch
 from ptune_search.swarm.protocol import BlockService, unpack_metadata
 
 STEPS = 6
-MERGE_WAIT = 0.3  # generous, so that clients in threads of one busy process still meet on the server
+MERGE_WAIT = 5.0  # clients in threads of one process meet on the server however loaded the machine (waits end
+# as soon as every active client has sent its request, so this costs time only when one is missing)
 CLIENTS = [("ptune", 2), ("deep_ptune", 3), ("ptune", 5), ("deep_ptune", 1)]  # different sequence lengths
 
 

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 from hivemind.p2p import PeerID
+from swarm_testing import started_task, until
 
 from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.routing import BlockRouter, MissingBlockError
@@ -38,13 +39,14 @@ def test_fair_queue_serves_clients_in_turn_so_a_burst_does_not_starve_others():
     queue.start()
     order: list[str] = []
     release = threading.Event()
+    started, blocking = started_task(release)
 
     async def scenario():
-        blocker = asyncio.ensure_future(queue.run("x", release.wait))
-        await asyncio.sleep(0.05)
+        blocker = asyncio.ensure_future(queue.run("x", blocking))
+        await until(started.is_set)
         burst = [asyncio.ensure_future(queue.run("a", lambda i=i: order.append(f"a{i}"))) for i in range(3)]
         other = asyncio.ensure_future(queue.run("b", lambda: order.append("b0")))
-        await asyncio.sleep(0.05)
+        await until(lambda: queue.pending == 4)
         release.set()
         await asyncio.gather(blocker, *burst, other)
 
@@ -59,12 +61,13 @@ def test_fair_queue_refuses_work_beyond_its_limit_and_reports_task_errors():
     queue = FairQueue(max_pending=1)
     queue.start()
     release = threading.Event()
+    started, blocking = started_task(release)
 
     async def scenario():
-        running = asyncio.ensure_future(queue.run("a", release.wait))
-        await asyncio.sleep(0.05)
+        running = asyncio.ensure_future(queue.run("a", blocking))
+        await until(started.is_set)
         waiting = asyncio.ensure_future(queue.run("a", lambda: 1))
-        await asyncio.sleep(0.01)
+        await until(lambda: queue.pending == 1)
         with pytest.raises(QueueFull, match="queue is full"):
             await queue.run("b", lambda: 2)
         release.set()
@@ -95,9 +98,8 @@ def test_activation_cache_evicts_oldest_entries_to_stay_within_its_byte_budget()
 
 
 def test_activation_cache_drops_entries_older_than_max_age():
-    cache = ActivationCache(max_bytes=100, max_age=0.05)
-    cache.put("old", Kept(10))
-    time.sleep(0.1)
+    cache = ActivationCache(max_bytes=100, max_age=60.0)
+    cache.put("old", Kept(10, created=time.monotonic() - 61.0))  # made a minute ago: no sleeping in the test
     cache.put("new", Kept(10))
     assert cache.pop("old") is None and cache.pop("new") is not None
 
@@ -188,37 +190,55 @@ def test_router_prefers_long_spans_avoids_banned_servers_and_retries_them_when_n
     assert asyncio.run(router.choose_span(2, 3)).peer_id in {whole, second}  # all banned: try them anyway
 
 
-def hold_in_thread(cores: HostCores, held: list[int], release: threading.Event) -> threading.Thread:
+def hold_in_thread(
+    cores: HostCores, held: list[int], release: threading.Event, holding: threading.Semaphore
+) -> threading.Thread:
     def task():
         with cores.hold() as count:
             held.append(count)
-            release.wait(10)
+            holding.release()
+            release.wait(120)
 
     thread = threading.Thread(target=task)
     thread.start()
     return thread
 
 
+def note_others_waiting(cores: HostCores, seen: threading.Event) -> None:
+    """Set ``seen`` once ``cores``, first in line, sees another server waiting for cores too."""
+    others_waiting = cores._others_waiting
+
+    def noted() -> bool:
+        others = others_waiting()
+        if others:
+            seen.set()
+        return others
+
+    cores._others_waiting = noted
+
+
 def test_host_cores_go_all_to_a_lone_task_and_one_each_to_tasks_waiting_together(tmp_path):
     first, second, third = (HostCores(tmp_path / "cores", cores=2) for _ in range(3))
-    release = threading.Event()
+    release, holding = threading.Event(), threading.Semaphore(0)
     second_held, third_held = [], []
+    both_waiting = threading.Event()
+    for waiter in (second, third):
+        note_others_waiting(waiter, both_waiting)
     try:
         with first.hold() as held:
             assert held == 2
-            threads = [hold_in_thread(second, second_held, release)]
-            time.sleep(0.2)
-            threads.append(hold_in_thread(third, third_held, release))
-            time.sleep(0.2)
+            threads = [
+                hold_in_thread(second, second_held, release, holding),
+                hold_in_thread(third, third_held, release, holding),
+            ]
+            assert both_waiting.wait(120)  # the first in line sees the other waiting behind it
             assert second_held == third_held == []  # every core is in use: both wait
-        deadline = time.monotonic() + 5
-        while len(second_held + third_held) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert holding.acquire(timeout=120) and holding.acquire(timeout=120)
         assert second_held == [1] and third_held == [1]  # side by side, a core each
         release.set()
         for thread in threads:
             thread.join()
-        lone = hold_in_thread(second, second_held, release)
+        lone = hold_in_thread(second, second_held, release, holding)
         lone.join()
         assert second_held[-1] == 2  # nobody else wants cores: all of them
     finally:
