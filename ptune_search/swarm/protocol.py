@@ -51,9 +51,6 @@ class ErrorKind(str, enum.Enum):
     INTERNAL = "internal"  # the server failed while computing
 
 
-RETRIABLE_ERRORS = frozenset({ErrorKind.UNKNOWN_BLOCK, ErrorKind.BUSY, ErrorKind.INTERNAL})
-
-
 class RequestRefused(Exception):
     """A server refused a request and said why; ``kind`` is an :class:`ErrorKind`."""
 
