@@ -36,13 +36,8 @@ from typing import Any, Optional, Sequence
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ptune_search.swarm.launcher import (
-    PARENT_PID_ENV,
-    read_peers_file,
-    replica_layout_problem,
-    split_blocks,
-    wait_until_online,
-)
+from ptune_search.swarm.launcher import PARENT_PID_ENV, read_peers_file, wait_until_online
+from ptune_search.swarm.replica_layout import replica_layout_problem, split_blocks
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import IO, Awaitable, Callable, Optional, Sequence
 
+from ptune_search.swarm.replica_layout import replica_layout_problem, split_blocks
+
 logger = logging.getLogger(__name__)
 
 PARENT_PID_ENV = "PTUNE_SWARM_PARENT_PID"
@@ -180,16 +182,6 @@ def run_block_server(
     run_until_signal(lambda stop: server.run(stop, on_online))
 
 
-def replica_layout_problem(servers: int, replicas: int) -> Optional[str]:
-    """Why ``servers`` servers cannot serve every block ``replicas`` times, or None when they can."""
-    if replicas >= 1 and servers >= 0 and servers % replicas == 0:
-        return None
-    return (
-        f"servers must be a multiple of replicas (got servers={servers}, replicas={replicas}): "
-        "the blocks are split into servers/replicas spans, each served by `replicas` servers"
-    )
-
-
 def wait_until_online(
     initial_peers: Sequence[str],
     uids: Sequence[str],
@@ -217,14 +209,6 @@ def wait_until_online(
                 missing = [uid for uid, count in zip(uids, online) if count < replicas]
                 raise TimeoutError(f"blocks {missing} are not online in time{where}")
             time.sleep(0.25)
-
-
-def split_blocks(num_blocks: int, spans: int) -> list[tuple[int, int]]:
-    """``spans`` contiguous spans of near-equal length covering ``0..num_blocks-1``."""
-    if not 1 <= spans <= num_blocks:
-        raise ValueError(f"cannot split {num_blocks} blocks into {spans} spans")
-    bounds = [round(i * num_blocks / spans) for i in range(spans + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 @dataclasses.dataclass
