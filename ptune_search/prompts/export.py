@@ -38,7 +38,7 @@ from ptune_search.prompts.prompt_folder import (
     file_sha256,
     write_manifest,
 )
-from ptune_search.search.tracking.records import BEST_TAG, ROLE_TAG, TRIAL_TAG
+from ptune_search.prompts.run_tags import BEST_TAG, ROLE_TAG, TRIAL_TAG
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
