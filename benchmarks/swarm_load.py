@@ -1,6 +1,6 @@
 """Load on a loopback swarm: 8 prompt-tuning clients train at once for 10 minutes against 2 block servers.
 
-The model is generated (``ptune_search.models.tiny_llama``): 8 Llama blocks of hidden 128, split 4 + 4 over the two
+The model is generated (``ptune_search.tiny_llama``): 8 Llama blocks of hidden 128, split 4 + 4 over the two
 servers, so that each request is real block compute, not only transport. Each client is its own process
 (4 train ``ptune``, 4 ``deep_ptune``; batch 8 x 64 tokens, pre_seq_len 16, AdamW on prompts and head), takes
 2 warm-up steps, then all train until one deadline (see ``benchmarks.load_harness``). Meanwhile the RSS of

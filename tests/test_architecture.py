@@ -77,6 +77,7 @@ FORBIDDEN = [
     ("ptune_search.swarm", "mlflow"),
     ("ptune_search.config", "ptune_search.search"),
     ("ptune_search.prompts", "ptune_search.search"),  # shared MLflow tag names live in prompts.run_tags
+    ("ptune_search.pretrained", "ptune_search.models"),  # checkpoints come from below the model classes
     ("ptune_search.config", "ptune_search.swarm.launcher"),  # the layout rule lives in swarm.replica_layout
 ]
 FAMILIES = sorted(path.parent.name for path in (PACKAGE / "models").glob("*/__init__.py"))

@@ -16,12 +16,12 @@ from ptune_search.data import TaskSpec, load_examples
 from ptune_search.models import DistributedLlamaForSequenceClassification
 from ptune_search.models.fingerprint import model_fingerprint
 from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
-from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.prompts.export import EXPORTED_TO_TAG, ExportResult, export_prompt
 from ptune_search.prompts.predict import PromptClassifier, format_prediction
 from ptune_search.prompts.prompt_folder import HEAD_FILE, MANIFEST_FILE, PROMPT_FILE, PTUNE_CONFIG_FILE, ExportedPrompt
 from ptune_search.search.tracking.records import ROLE_TAG
 from ptune_search.search.training import evaluate
+from ptune_search.tiny_llama import make_tiny_llama
 from tests.export.fake_stores import stalled_and_broken_store
 from tests.export.trial_replay import replay_final_evaluation, search_task
 from tests.models.tiny_families import make_tiny_checkpoint

@@ -22,13 +22,13 @@ import pytest
 import torch
 
 from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
-from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.client.routing import BlockRouter, fetch_block_records
 from ptune_search.swarm.launcher import LocalSwarm
 from ptune_search.swarm.protocol import ServerRecord, ServerState, block_uid, block_uids
 from ptune_search.swarm.signed_records import PeerKey, owner_peer_id
+from ptune_search.tiny_llama import make_tiny_llama
 from tests.reliability.forging_peer import ForgingPeer
 from tests.swarm.swarm_testing import LIMIT_ARGS, SwarmRegistry, classification_batch, copy_trainable
 

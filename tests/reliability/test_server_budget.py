@@ -18,12 +18,12 @@ import torch
 from transformers import AutoConfig
 
 from ptune_search.models.llama.model import LlamaBlockSpan
-from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.swarm.client.chain_passes import ChainPasses
 from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.client.routing import BlockRouter
 from ptune_search.swarm.launcher import LocalSwarm
+from ptune_search.tiny_llama import make_tiny_llama
 from tests.swarm.swarm_testing import SwarmRegistry, server_info
 
 PREFIX = "tiny-budget"

@@ -27,11 +27,11 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 
-from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.launcher import LocalSwarm
 from ptune_search.swarm.protocol import ErrorKind, pack_metadata, span_uid
 from ptune_search.swarm.wire import serialize_tensor, split_tensor
+from ptune_search.tiny_llama import make_tiny_llama
 from tests.swarm.swarm_testing import (
     LIMIT_ARGS,
     MAX_PAYLOAD,

@@ -14,8 +14,8 @@ import pytest
 from swarm_testing import HIDDEN, LIMIT_ARGS, NUM_BLOCKS, SwarmRegistry, p2pd_children_of_this_process
 
 from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
-from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.swarm.launcher import LocalSwarm
+from ptune_search.tiny_llama import make_tiny_llama
 
 
 @pytest.fixture(scope="session")
