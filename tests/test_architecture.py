@@ -71,6 +71,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 FORBIDDEN = [
     ("ptune_search.models", "ptune_search.swarm.server"),
     ("ptune_search.models", "ptune_search.search"),
+    ("ptune_search.models", "ptune_search.prompts"),  # the prompt-folder format lives in models/
     ("ptune_search.swarm", "ptune_search.search"),
     ("ptune_search.swarm", "ray"),
     ("ptune_search.swarm", "optuna"),
@@ -84,7 +85,7 @@ FAMILIES = sorted(path.parent.name for path in (PACKAGE / "models").glob("*/__in
 for family in FAMILIES:  # a server and the prompt format reach families only through the registry
     FORBIDDEN += [
         ("ptune_search.swarm", f"ptune_search.models.{family}"),
-        ("ptune_search.prompts.prompt_folder", f"ptune_search.models.{family}"),
+        ("ptune_search.models.prompt_folder", f"ptune_search.models.{family}"),
     ]
 
 

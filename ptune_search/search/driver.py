@@ -21,8 +21,8 @@ from transformers import AutoTokenizer
 from ptune_search.config import ExperimentConfig
 from ptune_search.data import TEXT_SLOT, TaskData, tokenize_task
 from ptune_search.models.label_words import label_word_tokens, label_words
+from ptune_search.models.prompt_folder import HEAD_FILE
 from ptune_search.prompts.mlflow_model import register_search_prompt
-from ptune_search.prompts.prompt_folder import HEAD_FILE
 from ptune_search.search.disk_space import OutputDisk, full_disk_reported
 from ptune_search.search.disk_watch import FreeSpaceWatch
 from ptune_search.search.head_sweep import FINE_TUNE_LR_SCALE, candidate_lrs

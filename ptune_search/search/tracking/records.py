@@ -25,7 +25,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 from ray import tune
 
-from ptune_search.prompts.prompt_folder import TRIAL_ARTIFACTS
+from ptune_search.models.prompt_folder import TRIAL_ARTIFACTS
 from ptune_search.prompts.run_tags import BEST_TAG, ROLE_TAG, TRIAL_TAG
 from ptune_search.search.tracking.filters import tag_clause, tagged
 from ptune_search.search.tracking.outbox import OutboxRecord, TrackingOutbox
