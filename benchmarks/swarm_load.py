@@ -57,6 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from benchmarks.load_harness import LoadShape, make_load_model, run_load
     from ptune_search.pretrained import resolve_model
     from ptune_search.swarm.launcher import LocalSwarm
+    from ptune_search.swarm.server.settings import ServerSettings
 
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="swarm-load-"))
     path = resolve_model(args.model) if args.model else make_load_model(log_dir)
@@ -70,7 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         client_threads=args.client_threads,
     )
     load_before = os.getloadavg()[0]
-    with LocalSwarm(path, servers=args.servers, num_threads=args.server_threads, log_dir=log_dir / "swarm") as swarm:
+    settings = ServerSettings(num_threads=args.server_threads)
+    with LocalSwarm(path, servers=args.servers, settings=settings, log_dir=log_dir / "swarm") as swarm:
         report = run_load(path, swarm, shape, work_dir=log_dir / "clients")
     for record in report.server_records():
         emit({"benchmark": "swarm_load_server", **record})

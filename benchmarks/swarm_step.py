@@ -196,9 +196,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     from ptune_search.pretrained import resolve_model
     from ptune_search.swarm.launcher import LocalSwarm
+    from ptune_search.swarm.server.settings import ServerSettings
 
     path = resolve_model(args.model)
-    with LocalSwarm(path, servers=2, num_threads=args.server_threads, share_cores=args.share_cores) as swarm:
+    settings = ServerSettings(num_threads=args.server_threads)
+    with LocalSwarm(path, servers=2, settings=settings, share_cores=args.share_cores) as swarm:
         for mode in args.modes:
             emit(compare_step(path, mode, swarm.initial_peers, args.steps))
         rates: dict[int, list[float]] = {clients: [] for clients in args.clients}
