@@ -29,6 +29,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Optional, Sequence, TypeVar
 
+from ptune_search.swarm.protocol import RequestLimits
 from ptune_search.swarm.setting_flags import setting
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class FairQueue:
 
     def __init__(
         self,
-        max_pending: int = 1024,
+        max_pending: int = RequestLimits.max_queue,
         name: str = "block-compute",
         *,
         cores: Optional[HostCores] = None,
