@@ -35,9 +35,10 @@ from benchmarks.search_harness.mlflow_server import MlflowServer
 from benchmarks.search_harness.search_process import TINY_CONFIG, SearchProcess, wait_for
 from ptune_search.pretrained import resolve_model
 from ptune_search.swarm.launcher import LocalSwarm
+from ptune_search.swarm.server.settings import ServerSettings
 
 SPANS, REPLICAS = 2, 2
-FAST_RECORDS = ["--record-ttl", "3", "--refresh-period", "1"]  # a dead server leaves routing within seconds
+FAST_RECORDS = ServerSettings(record_ttl=3.0, refresh_period=1.0)  # a dead server leaves routing within seconds
 EXPERIMENT = "tiny"  # experiments/tiny.yaml
 
 
@@ -67,7 +68,7 @@ def run_chaos_search(work_dir: Path, plan: ChaosPlan, seed: int, trials: int, st
     os.environ["RAY_DEDUP_LOGS"] = "0"  # every line a trial prints reaches the driver's log
     load_before = os.getloadavg()
     swarm = LocalSwarm(
-        resolve_model("tiny-llama"), SPANS * REPLICAS, REPLICAS, server_args=FAST_RECORDS, log_dir=work_dir / "swarm"
+        resolve_model("tiny-llama"), SPANS * REPLICAS, REPLICAS, settings=FAST_RECORDS, log_dir=work_dir / "swarm"
     )
     mlflow = MlflowServer(work_dir / "mlflow")
     with swarm:

@@ -46,6 +46,8 @@ from ptune_search.search.driver import run_search
 from ptune_search.search.training import evaluate, train_step, trainable_parameters
 from ptune_search.search.trial import build_classifier, ptune_config_of
 from ptune_search.swarm.launcher import LocalSwarm
+from ptune_search.swarm.server.fair_queue import MergeLimits
+from ptune_search.swarm.server.settings import ServerSettings
 
 MODES = ("ptune", "deep_ptune")
 
@@ -225,8 +227,8 @@ def run_concurrency(args: argparse.Namespace) -> dict[int, float]:
 
     path = resolve_model(args.model)
     rates: dict[int, list[float]] = {clients: [] for clients in args.concurrency}
-    server_args = ["--merge-max-tokens", "0"] if args.no_merge else []
-    with LocalSwarm(path, servers=2, server_args=server_args) as swarm:
+    settings = ServerSettings(merge=MergeLimits(max_tokens=0)) if args.no_merge else ServerSettings()
+    with LocalSwarm(path, servers=2, settings=settings) as swarm:
         for _ in range(args.rounds):
             for clients in args.concurrency:
                 record = throughput(path, swarm.initial_peers, clients, "ptune", args.concurrency_steps, threads=1)

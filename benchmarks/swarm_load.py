@@ -1,6 +1,6 @@
 """Load on a loopback swarm: 8 prompt-tuning clients train at once for 10 minutes against 2 block servers.
 
-The model is generated (``ptune_search.models.tiny_llama``): 8 Llama blocks of hidden 128, split 4 + 4 over the two
+The model is generated (``ptune_search.tiny_llama``): 8 Llama blocks of hidden 128, split 4 + 4 over the two
 servers, so that each request is real block compute, not only transport. Each client is its own process
 (4 train ``ptune``, 4 ``deep_ptune``; batch 8 x 64 tokens, pre_seq_len 16, AdamW on prompts and head), takes
 2 warm-up steps, then all train until one deadline (see ``benchmarks.load_harness``). Meanwhile the RSS of
@@ -57,6 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from benchmarks.load_harness import LoadShape, make_load_model, run_load
     from ptune_search.pretrained import resolve_model
     from ptune_search.swarm.launcher import LocalSwarm
+    from ptune_search.swarm.server.settings import ServerSettings
 
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="swarm-load-"))
     path = resolve_model(args.model) if args.model else make_load_model(log_dir)
@@ -70,7 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         client_threads=args.client_threads,
     )
     load_before = os.getloadavg()[0]
-    with LocalSwarm(path, servers=args.servers, num_threads=args.server_threads, log_dir=log_dir / "swarm") as swarm:
+    settings = ServerSettings(num_threads=args.server_threads)
+    with LocalSwarm(path, servers=args.servers, settings=settings, log_dir=log_dir / "swarm") as swarm:
         report = run_load(path, swarm, shape, work_dir=log_dir / "clients")
     for record in report.server_records():
         emit({"benchmark": "swarm_load_server", **record})

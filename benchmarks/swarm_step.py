@@ -33,6 +33,7 @@ import torch
 from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 from ptune_search.pretrained import resolve_model
 from ptune_search.swarm.launcher import LocalSwarm
+from ptune_search.swarm.server.settings import ServerSettings
 
 BATCH, LENGTH, PRE_SEQ_LEN, NUM_LABELS = 8, 64, 16, 5
 WARMUP_PAIRS = 2
@@ -210,7 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     args = parser.parse_args(argv)
     path = resolve_model(args.model)
-    with LocalSwarm(path, servers=2, num_threads=args.server_threads, share_cores=args.share_cores) as swarm:
+    settings = ServerSettings(num_threads=args.server_threads)
+    with LocalSwarm(path, servers=2, settings=settings, share_cores=args.share_cores) as swarm:
         for mode in args.modes:
             emit(compare_step(path, mode, swarm.initial_peers, args.steps))
         rates: dict[int, list[float]] = {clients: [] for clients in args.clients}

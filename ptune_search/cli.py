@@ -14,6 +14,9 @@ from ptune_search.pretrained import PACKAGED_MODELS
 from ptune_search.search.disk_space import OutputDiskFull
 from ptune_search.search.report import SearchFailed
 
+# The demo's flags: fields of search.demo.DemoSettings, whose defaults apply to those not given.
+DEMO_OPTIONS = ("model", "tuning_mode", "pre_seq_len", "steps", "lr")
+
 
 def _prepare_model(args: argparse.Namespace) -> None:
     from ptune_search.pretrained import prepare_model
@@ -24,9 +27,8 @@ def _prepare_model(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from ptune_search.search.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(
-        model=args.model, tuning_mode=args.tuning_mode, pre_seq_len=args.pre_seq_len, steps=args.steps, lr=args.lr
-    )
+    given = {name: getattr(args, name) for name in DEMO_OPTIONS if getattr(args, name) is not None}
+    settings = DemoSettings(**given)  # options not given keep DemoSettings' defaults, declared there only
     result = run_demo(settings)
     print(json.dumps(dataclasses.asdict(result)))
 
@@ -145,11 +147,11 @@ def _add_prepare_model(commands: argparse._SubParsersAction) -> None:
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="a short prompt-tuning run on local blocks")
-    demo.add_argument("--model", default="smollm2-135m", help="model folder or packaged alias")
-    demo.add_argument("--tuning-mode", default="ptune", choices=["ptune", "deep_ptune"])
-    demo.add_argument("--pre-seq-len", type=int, default=16)
-    demo.add_argument("--steps", type=int, default=20)
-    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--model", help="model folder or packaged alias")
+    demo.add_argument("--tuning-mode", choices=["ptune", "deep_ptune"])
+    demo.add_argument("--pre-seq-len", type=int)
+    demo.add_argument("--steps", type=int)
+    demo.add_argument("--lr", type=float)
     demo.set_defaults(run=_demo)
 
 

@@ -40,7 +40,7 @@ from pydantic import (
 
 from ptune_search.models.ptune import TUNING_MODES, TuningMode
 from ptune_search.swarm.client.client_config import ClientConfig
-from ptune_search.swarm.launcher import replica_layout_problem
+from ptune_search.swarm.replica_layout import replica_layout_problem
 
 _MAX_SHOWN = 100  # characters of a value quoted in an error
 

@@ -12,7 +12,7 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-from ptune_search.models.tiny_llama import make_tiny_llama  # noqa: E402 - after the hypothesis profile
+from ptune_search.tiny_llama import make_tiny_llama  # noqa: E402 - after the hypothesis profile
 
 
 @pytest.fixture(scope="session")

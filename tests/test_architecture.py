@@ -71,17 +71,21 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
 FORBIDDEN = [
     ("ptune_search.models", "ptune_search.swarm.server"),
     ("ptune_search.models", "ptune_search.search"),
+    ("ptune_search.models", "ptune_search.prompts"),  # the prompt-folder format lives in models/
     ("ptune_search.swarm", "ptune_search.search"),
     ("ptune_search.swarm", "ray"),
     ("ptune_search.swarm", "optuna"),
     ("ptune_search.swarm", "mlflow"),
     ("ptune_search.config", "ptune_search.search"),
+    ("ptune_search.prompts", "ptune_search.search"),  # shared MLflow tag names live in prompts.run_tags
+    ("ptune_search.pretrained", "ptune_search.models"),  # checkpoints come from below the model classes
+    ("ptune_search.config", "ptune_search.swarm.launcher"),  # the layout rule lives in swarm.replica_layout
 ]
 FAMILIES = sorted(path.parent.name for path in (PACKAGE / "models").glob("*/__init__.py"))
 for family in FAMILIES:  # a server and the prompt format reach families only through the registry
     FORBIDDEN += [
         ("ptune_search.swarm", f"ptune_search.models.{family}"),
-        ("ptune_search.prompts.prompt_folder", f"ptune_search.models.{family}"),
+        ("ptune_search.models.prompt_folder", f"ptune_search.models.{family}"),
     ]
 
 

@@ -15,13 +15,13 @@ from mlflow import MlflowClient
 from ptune_search.data import TaskSpec, load_examples
 from ptune_search.models import DistributedLlamaForSequenceClassification
 from ptune_search.models.fingerprint import model_fingerprint
+from ptune_search.models.prompt_folder import HEAD_FILE, MANIFEST_FILE, PROMPT_FILE, PTUNE_CONFIG_FILE, ExportedPrompt
 from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
-from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.prompts.export import EXPORTED_TO_TAG, ExportResult, export_prompt
 from ptune_search.prompts.predict import PromptClassifier, format_prediction
-from ptune_search.prompts.prompt_folder import HEAD_FILE, MANIFEST_FILE, PROMPT_FILE, PTUNE_CONFIG_FILE, ExportedPrompt
 from ptune_search.search.tracking.records import ROLE_TAG
 from ptune_search.search.training import evaluate
+from ptune_search.tiny_llama import make_tiny_llama
 from tests.export.fake_stores import stalled_and_broken_store
 from tests.export.trial_replay import replay_final_evaluation, search_task
 from tests.models.tiny_families import make_tiny_checkpoint
@@ -188,7 +188,7 @@ def test_a_missing_prompt_folder_is_refused(tmp_path: Path, exported: ExportResu
 
 @pytest.mark.parametrize("manifest_updated", [False, True], ids=["as-exported", "manifest-rehashed"])
 def test_a_truncated_safetensors_file_is_refused(prompt_copy: Path, manifest_updated: bool):
-    from ptune_search.prompts.prompt_folder import file_sha256
+    from ptune_search.models.prompt_folder import file_sha256
 
     prompt_file = prompt_copy / PROMPT_FILE
     prompt_file.write_bytes(prompt_file.read_bytes()[: prompt_file.stat().st_size // 2])

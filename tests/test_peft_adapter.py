@@ -11,9 +11,9 @@ from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ptune_search.models import DistributedLlamaForSequenceClassification
+from ptune_search.models.peft_adapter import write_peft_adapter
+from ptune_search.models.prompt_folder import ExportedPrompt
 from ptune_search.pretrained import prepare_model
-from ptune_search.prompts.peft_adapter import write_peft_adapter
-from ptune_search.prompts.prompt_folder import ExportedPrompt
 from tests.export.handmade_prompt import LABELS, handmade_prompt
 
 TEXTS = ["Shares in the bank fell sharply after its profit warning.", "The striker scored twice in the cup final."]

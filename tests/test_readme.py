@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from ptune_search.models.peft_adapter import write_peft_adapter
+from ptune_search.models.prompt_folder import ExportedPrompt
 from ptune_search.prompts.export import export_prompt
-from ptune_search.prompts.peft_adapter import write_peft_adapter
-from ptune_search.prompts.prompt_folder import ExportedPrompt
 from ptune_search.swarm.launcher import LocalSwarm, write_peers_file
 from tests.export.handmade_prompt import handmade_prompt
 

@@ -10,7 +10,7 @@ LOAD_MODEL_HIDDEN, LOAD_MODEL_BLOCKS = 128, 8
 
 def make_load_model(folder: Path) -> Path:
     """The generated Llama the load runs on: 8 blocks of hidden 128, so servers compute rather than only relay."""
-    from ptune_search.models.tiny_llama import make_tiny_llama
+    from ptune_search.tiny_llama import make_tiny_llama
 
     return make_tiny_llama(folder / "tiny-load", hidden_size=LOAD_MODEL_HIDDEN, num_layers=LOAD_MODEL_BLOCKS)
 

@@ -63,8 +63,8 @@ class LoadableFromCheckpoint:
         """
         if prompt is None:
             return _load(cls, path, config, local_blocks, dtype, settings)
-        from ptune_search.prompts.peft_adapter import PeftPromptAdapter, is_peft_adapter
-        from ptune_search.prompts.prompt_folder import ExportedPrompt
+        from ptune_search.models.peft_adapter import PeftPromptAdapter, is_peft_adapter
+        from ptune_search.models.prompt_folder import ExportedPrompt
 
         exported = PeftPromptAdapter.read(prompt) if is_peft_adapter(prompt) else ExportedPrompt.read(prompt)
         exported.check_settings(settings)
@@ -111,7 +111,7 @@ class LoadableFromCheckpoint:
         Refused with a clear error when the prompt was tuned on another checkpoint (fingerprint), another
         architecture, another tuning mode or prompt length, or (for a classifier) another number of labels.
         """
-        from ptune_search.prompts.prompt_folder import ExportedPrompt
+        from ptune_search.models.prompt_folder import ExportedPrompt
 
         ExportedPrompt.read(folder).load_into(self)
 

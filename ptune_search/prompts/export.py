@@ -2,7 +2,7 @@
 
 ``export_prompt`` picks the best FINISHED trial of the latest search in an experiment (or the run it is
 given), downloads its prompt and head, and writes them with a manifest (see
-:mod:`ptune_search.prompts.prompt_folder`) to ``out``. The folder is assembled beside ``out`` and renamed into place
+:mod:`ptune_search.models.prompt_folder`) to ``out``. The folder is assembled beside ``out`` and renamed into place
 only once it reads back cleanly, so a failed export leaves nothing behind. The exported run is tagged
 ``ptune_search.exported_to`` in MLflow::
 
@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from ptune_search.prompts.prompt_folder import (
+from ptune_search.models.prompt_folder import (
     HEAD_FILE,
     PROMPT_FILE,
     PTUNE_CONFIG_FILE,
@@ -38,7 +38,7 @@ from ptune_search.prompts.prompt_folder import (
     file_sha256,
     write_manifest,
 )
-from ptune_search.search.tracking.records import BEST_TAG, ROLE_TAG, TRIAL_TAG
+from ptune_search.prompts.run_tags import BEST_TAG, ROLE_TAG, TRIAL_TAG
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -92,7 +92,7 @@ def export_peft_adapter(
     overwrite: bool = False,
 ) -> ExportResult:
     """``ptune-search export --format peft``: the chosen trial's prompt, written as a PEFT adapter to ``out``."""
-    from ptune_search.prompts.peft_adapter import write_peft_adapter
+    from ptune_search.models.peft_adapter import write_peft_adapter
 
     out = Path(out).absolute()
     with tempfile.TemporaryDirectory() as scratch:

@@ -33,8 +33,8 @@ from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types.schema import ColSpec, DataType, Map, Schema
 
+from ptune_search.models.prompt_folder import ExportedPrompt, MetricValue
 from ptune_search.prompts.export import write_export
-from ptune_search.prompts.prompt_folder import ExportedPrompt, MetricValue
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion

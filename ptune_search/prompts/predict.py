@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 
 from ptune_search.data import encode_texts
-from ptune_search.prompts.prompt_folder import ExportedPrompt
+from ptune_search.models.prompt_folder import ExportedPrompt
 
 
 @dataclasses.dataclass(frozen=True)

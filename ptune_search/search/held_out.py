@@ -17,7 +17,7 @@ from ray import tune
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from ptune_search.prompts.prompt_folder import HEAD_FILE, PROMPT_FILE
+from ptune_search.models.prompt_folder import HEAD_FILE, PROMPT_FILE
 from ptune_search.search.training import evaluate
 from ptune_search.search.trial import TrialSettings, build_classifier, ptune_config_of
 

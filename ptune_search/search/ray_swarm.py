@@ -36,13 +36,10 @@ from typing import Any, Optional, Sequence
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ptune_search.swarm.launcher import (
-    PARENT_PID_ENV,
-    read_peers_file,
-    replica_layout_problem,
-    split_blocks,
-    wait_until_online,
-)
+from ptune_search.swarm.launcher import PARENT_PID_ENV, read_peers_file, wait_until_online
+from ptune_search.swarm.replica_layout import replica_layout_problem, split_blocks
+from ptune_search.swarm.server.settings import ListenAddress, ServerSettings
+from ptune_search.swarm.setting_flags import setting_flags
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +62,20 @@ class SwarmProcess:
         self.process: Optional[subprocess.Popen] = None
 
     def start_bootstrap(self) -> str:
-        self._spawn(["dht", "--host", self.node_ip, "--peers-file", str(self.info_path)])
+        self._spawn(["dht", *setting_flags(ListenAddress(host=self.node_ip)), "--peers-file", str(self.info_path)])
         return self.node_ip
 
     def start_server(self, model: str, blocks: tuple[int, int], initial_peers: list[str], dht_prefix: str) -> str:
         from ptune_search.pretrained import resolve_model
 
         model_path = resolve_model(model)  # an alias is prepared on this node; a folder must exist here
+        settings = ServerSettings(
+            dht_prefix=dht_prefix,
+            listen=ListenAddress(host=self.node_ip),
+            compute_lock=self.node_dir / "cores",  # servers of one node share its cores
+        )
         args = ["serve", "--model", str(model_path), "--blocks", f"{blocks[0]}:{blocks[1]}"]
-        args += ["--initial-peers", *initial_peers]
-        args += ["--dht-prefix", dht_prefix, "--host", self.node_ip, "--info-file", str(self.info_path)]
-        args += ["--compute-lock", str(self.node_dir / "cores")]  # servers of one node share its cores
+        args += ["--initial-peers", *initial_peers, *setting_flags(settings), "--info-file", str(self.info_path)]
         self._spawn(args)
         return self.node_ip
 

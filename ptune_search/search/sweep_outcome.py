@@ -15,7 +15,7 @@ import torch
 from ray import tune
 from safetensors.torch import load_file
 
-from ptune_search.prompts.prompt_folder import HEAD_FILE
+from ptune_search.models.prompt_folder import HEAD_FILE
 from ptune_search.search.head_sweep import FINE_TUNE_LR_SCALE
 from ptune_search.search.report import final_checkpoints, head_sweep_rows, validation_share
 

@@ -36,10 +36,10 @@ from transformers import AutoTokenizer
 from ptune_search.data import TaskData
 from ptune_search.models.distributed import DistributedForSequenceClassification
 from ptune_search.models.label_words import apply_label_word_head
+from ptune_search.models.prompt_folder import HEAD_FILE, PROMPT_FILE, PTUNE_CONFIG_FILE
 from ptune_search.models.prompt_init import apply_prompt_init, initial_prompt_tokens
 from ptune_search.models.ptune import PTuneConfig
 from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
-from ptune_search.prompts.prompt_folder import HEAD_FILE, PROMPT_FILE, PTUNE_CONFIG_FILE
 from ptune_search.search.head_sweep import HeadSweep
 from ptune_search.search.training import Evaluation, evaluate, train_step, trainable_parameters
 from ptune_search.swarm.client.client_config import ClientConfig

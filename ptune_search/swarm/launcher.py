@@ -29,9 +29,15 @@ import time
 from pathlib import Path
 from typing import IO, Awaitable, Callable, Optional, Sequence
 
+from ptune_search.swarm.replica_layout import replica_layout_problem, split_blocks
+from ptune_search.swarm.server.settings import ListenAddress, ServerSettings
+from ptune_search.swarm.setting_flags import setting_flags
+
 logger = logging.getLogger(__name__)
 
 PARENT_PID_ENV = "PTUNE_SWARM_PARENT_PID"
+# What a LocalSwarm chooses for each of its servers, so not a setting of the swarm as a whole.
+PER_SERVER_SETTINGS = ("listen", "compute_lock", "identity_file")
 
 
 def parse_blocks(blocks: str | tuple[int, int]) -> tuple[int, int]:
@@ -76,15 +82,16 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     asyncio.run(runner())
 
 
-def run_bootstrap_peer(peers_file: Optional[str | Path] = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
+def run_bootstrap_peer(peers_file: Optional[str | Path] = None, listen: Optional[ListenAddress] = None) -> None:
     """A DHT peer that others join through; writes its multiaddrs to ``peers_file`` and stdout, runs until a signal."""
+    listen = listen or ListenAddress()
 
     async def main(stop: asyncio.Event) -> None:
         from hivemind.dht import DHTNode
 
         from ptune_search.swarm.signed_records import SwarmRecordValidator
 
-        node = await DHTNode.create(host_maddrs=[f"/ip4/{host}/tcp/{port}"], record_validator=SwarmRecordValidator())
+        node = await DHTNode.create(host_maddrs=[listen.maddr], record_validator=SwarmRecordValidator())
         try:
             maddrs = [str(addr) for addr in await node.get_visible_maddrs()]
             if peers_file is not None:
@@ -101,73 +108,21 @@ def run_block_server(
     model: str | Path,
     blocks: str | tuple[int, int],
     initial_peers: Sequence[str],
+    settings: Optional[ServerSettings] = None,
     *,
-    dht_prefix: Optional[str] = None,
-    dtype: str = "float32",
-    num_threads: Optional[int] = None,
-    record_ttl: float = 60.0,
-    refresh_period: Optional[float] = None,
-    max_tokens: Optional[int] = None,
-    max_payload_bytes: Optional[int] = None,
-    receive_timeout: Optional[float] = None,
-    cache_bytes: Optional[int] = None,
-    cache_max_age: Optional[float] = None,
-    max_inflight_bytes: Optional[int] = None,
-    max_inflight_tokens: Optional[int] = None,
-    merge_max_tokens: Optional[int] = None,
-    merge_wait: Optional[float] = None,
-    host: str = "127.0.0.1",
-    port: int = 0,
     info_file: Optional[str | Path] = None,
-    compute_lock: Optional[str | Path] = None,
-    identity_file: Optional[str | Path] = None,
 ) -> None:
     """Serve blocks ``blocks`` ("A:B": A..B-1) of the checkpoint ``model`` until SIGINT or SIGTERM.
 
     Once online, the server writes ``{"peer_id", "maddrs", "start", "end", "pid"}`` as JSON to ``info_file``.
-    Servers on one machine given the same ``compute_lock`` prefix share its cores instead of oversubscribing
-    them (see :class:`~ptune_search.swarm.server.host_cores.HostCores`). With ``identity_file`` the server keeps
-    its key, so its peer id, across restarts (created there if absent), e.g. for clients' ``trusted_servers``.
+    Servers on one machine given the same ``settings.compute_lock`` prefix share its cores instead of
+    oversubscribing them (see :class:`~ptune_search.swarm.server.host_cores.HostCores`). With
+    ``settings.identity_file`` the server keeps its key, so its peer id, across restarts (created there if
+    absent), e.g. for clients' ``trusted_servers``.
     """
-    import torch
+    from ptune_search.swarm.server.block_server import BlockServer
 
-    from ptune_search.swarm.protocol import RequestLimits
-    from ptune_search.swarm.server.block_server import BlockServer, ServerSettings
-
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16 (got {dtype!r})")
     start, end = parse_blocks(blocks)
-    limits = RequestLimits()
-    limits = dataclasses.replace(
-        limits,
-        max_tokens=max_tokens or limits.max_tokens,
-        max_payload_bytes=max_payload_bytes or limits.max_payload_bytes,
-        receive_timeout=receive_timeout or limits.receive_timeout,
-    )
-    settings = ServerSettings(
-        dht_prefix=dht_prefix,
-        dtype=getattr(torch, dtype),
-        num_threads=num_threads,
-        limits=limits,
-        record_ttl=record_ttl,
-        refresh_period=refresh_period,
-        host=host,
-        port=port,
-        compute_lock=Path(compute_lock) if compute_lock else None,
-        identity_file=Path(identity_file) if identity_file else None,
-    )
-    if cache_bytes is not None:
-        settings.cache_bytes = cache_bytes
-    if cache_max_age is not None:
-        settings.cache_max_age = cache_max_age
-    if max_inflight_bytes is not None:
-        settings.inflight_bytes = max_inflight_bytes
-    if max_inflight_tokens is not None:
-        settings.inflight_tokens = max_inflight_tokens
-    if merge_max_tokens is not None:
-        settings.merge = dataclasses.replace(settings.merge, max_tokens=merge_max_tokens)
-    if merge_wait is not None:
-        settings.merge = dataclasses.replace(settings.merge, max_wait=merge_wait)
     server = BlockServer(model, start, end, initial_peers, settings)
 
     def on_online(server: BlockServer) -> None:
@@ -178,16 +133,6 @@ def run_block_server(
             os.replace(tmp, info_file)
 
     run_until_signal(lambda stop: server.run(stop, on_online))
-
-
-def replica_layout_problem(servers: int, replicas: int) -> Optional[str]:
-    """Why ``servers`` servers cannot serve every block ``replicas`` times, or None when they can."""
-    if replicas >= 1 and servers >= 0 and servers % replicas == 0:
-        return None
-    return (
-        f"servers must be a multiple of replicas (got servers={servers}, replicas={replicas}): "
-        "the blocks are split into servers/replicas spans, each served by `replicas` servers"
-    )
 
 
 def wait_until_online(
@@ -217,14 +162,6 @@ def wait_until_online(
                 missing = [uid for uid, count in zip(uids, online) if count < replicas]
                 raise TimeoutError(f"blocks {missing} are not online in time{where}")
             time.sleep(0.25)
-
-
-def split_blocks(num_blocks: int, spans: int) -> list[tuple[int, int]]:
-    """``spans`` contiguous spans of near-equal length covering ``0..num_blocks-1``."""
-    if not 1 <= spans <= num_blocks:
-        raise ValueError(f"cannot split {num_blocks} blocks into {spans} spans")
-    bounds = [round(i * num_blocks / spans) for i in range(spans + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 @dataclasses.dataclass
@@ -274,8 +211,9 @@ class LocalSwarm:
 
     With ``servers=0`` only the bootstrap peer starts; add servers with :meth:`start_server`. The blocks are
     split into ``servers // replicas`` spans and each span is served by ``replicas`` servers, so ``servers``
-    must be a multiple of ``replicas``. ``server_args`` are extra ``swarm serve`` options
-    (e.g. ``["--record-ttl", "4"]``). Children die with this process's thread that started them. With
+    must be a multiple of ``replicas``. Every server runs with ``settings`` (e.g.
+    ``ServerSettings(record_ttl=4.0)``), but for the address, key and core lock, which the swarm chooses for
+    each (:data:`PER_SERVER_SETTINGS`). Children die with this process's thread that started them. With
     ``share_cores`` (default) the servers share the machine's cores (see ``server/host_cores.py``).
     Children run :attr:`module` (``python -m``), which takes the arguments of ``ptune_search.swarm``.
     """
@@ -288,10 +226,7 @@ class LocalSwarm:
         servers: int,
         replicas: int = 1,
         *,
-        dht_prefix: Optional[str] = None,
-        dtype: str = "float32",
-        num_threads: Optional[int] = None,
-        server_args: Sequence[str] = (),
+        settings: Optional[ServerSettings] = None,
         log_dir: Optional[str | Path] = None,
         share_cores: bool = True,
     ):
@@ -302,16 +237,19 @@ class LocalSwarm:
         problem = replica_layout_problem(servers, replicas)
         if problem:
             raise ValueError(f"--{problem}")
+        self.settings = settings or ServerSettings()
+        defaults = ServerSettings()
+        chosen = [name for name in PER_SERVER_SETTINGS if getattr(self.settings, name) != getattr(defaults, name)]
+        if chosen:
+            raise ValueError(f"a local swarm chooses {', '.join(chosen)} for each server: leave them unset")
         self.model = Path(model)
         check_supported(self.model)
         self.config = AutoConfig.from_pretrained(self.model)
-        if dht_prefix:
-            self.config.dht_prefix = dht_prefix
+        if self.settings.dht_prefix:
+            self.config.dht_prefix = self.settings.dht_prefix
         self.num_blocks = self.config.num_hidden_layers
         self.replicas = replicas
         self.spans = split_blocks(self.num_blocks, servers // replicas) if servers else []
-        self.dht_prefix, self.dtype, self.num_threads = dht_prefix, dtype, num_threads
-        self.server_args = list(server_args)
         self.share_cores = share_cores
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="ptune-swarm-"))
@@ -361,16 +299,16 @@ class LocalSwarm:
     def start_server(
         self, start: int, end: int, extra_args: Sequence[str] = (), peers_file: Optional[Path] = None
     ) -> ChildProcess:
-        """Start one more server for blocks ``start..end-1`` (it joins through :attr:`initial_peers`)."""
+        """Start one more server for blocks ``start..end-1`` (it joins through :attr:`initial_peers`).
+
+        ``extra_args`` go to :attr:`module` as they are (a test server's own flags).
+        """
+        settings = self.settings
+        if self.share_cores:
+            settings = dataclasses.replace(settings, compute_lock=self.log_dir / "cores.lock")
         args = ["serve", "--model", str(self.model), "--blocks", f"{start}:{end}"]
         args += ["--peers-file", str(peers_file)] if peers_file else ["--initial-peers", *self.initial_peers]
-        if self.dht_prefix:
-            args += ["--dht-prefix", self.dht_prefix]
-        if self.num_threads:
-            args += ["--num-threads", str(self.num_threads)]
-        if self.share_cores:
-            args += ["--compute-lock", str(self.log_dir / "cores.lock")]
-        args += ["--dtype", self.dtype, *self.server_args, *extra_args]
+        args += [*setting_flags(settings), *extra_args]
         name = f"server-{len(self.servers)}-blocks-{start}-{end}"
         args += ["--info-file", str(self.log_dir / f"{name}.json")]
         child = self._spawn(name, args)
@@ -481,12 +419,9 @@ def run_local_swarm(
     model: str | Path,
     servers: int,
     peers_file: str | Path,
+    settings: Optional[ServerSettings] = None,
     *,
     replicas: int = 1,
-    dht_prefix: Optional[str] = None,
-    dtype: str = "float32",
-    num_threads: Optional[int] = None,
-    server_args: Sequence[str] = (),
     log_dir: Optional[str | Path] = None,
     ready_timeout: float = 600.0,
     share_cores: bool = True,
@@ -498,17 +433,7 @@ def run_local_swarm(
     """
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    swarm = LocalSwarm(
-        model,
-        servers,
-        replicas,
-        dht_prefix=dht_prefix,
-        dtype=dtype,
-        num_threads=num_threads,
-        server_args=server_args,
-        log_dir=log_dir,
-        share_cores=share_cores,
-    )
+    swarm = LocalSwarm(model, servers, replicas, settings=settings, log_dir=log_dir, share_cores=share_cores)
     try:
         try:
             swarm.start(timeout=ready_timeout, interrupt=stop)

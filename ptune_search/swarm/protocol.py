@@ -25,6 +25,7 @@ from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from ptune_search.swarm.bounded_streams import add_bounded_stream_handler
+from ptune_search.swarm.setting_flags import setting
 
 UID_DELIMITER = "."
 SPAN_DELIMITER = " "
@@ -49,9 +50,6 @@ class ErrorKind(str, enum.Enum):
     UNKNOWN_BLOCK = "unknown_block"  # this server does not (or no longer) serve a requested block
     BUSY = "busy"  # queue full: try another replica or later
     INTERNAL = "internal"  # the server failed while computing
-
-
-RETRIABLE_ERRORS = frozenset({ErrorKind.UNKNOWN_BLOCK, ErrorKind.BUSY, ErrorKind.INTERNAL})
 
 
 class RequestRefused(Exception):
@@ -207,11 +205,11 @@ def _is_int(value: Any) -> bool:
 class RequestLimits:
     """What one server accepts in one request; requests beyond these are refused, not truncated."""
 
-    max_tokens: int = 8192  # batch * sequence length (prefix included)
-    max_payload_bytes: int = 256 * 1024 * 1024
-    max_pre_seq_len: int = 1024
-    max_queue: int = 1024  # waiting requests of all clients together
-    receive_timeout: float = 60.0  # seconds a streamed request may take to arrive whole
+    max_tokens: int = setting(8192, help="largest batch * length of a request, prompt prefix included")
+    max_payload_bytes: int = setting(256 * 1024 * 1024, help="largest request payload accepted")
+    max_pre_seq_len: int = setting(1024, help="longest prompt prefix accepted")
+    max_queue: int = setting(1024, help="requests of all clients waiting together; beyond it they are refused as busy")
+    receive_timeout: float = setting(60.0, help="seconds a streamed request may take to arrive whole")
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)

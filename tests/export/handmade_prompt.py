@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ptune_search.data import TEXT_SLOT, prepare_tokenizer
 from ptune_search.models.fingerprint import model_fingerprint
-from ptune_search.prompts.prompt_folder import (
+from ptune_search.models.prompt_folder import (
     DEEP_KEY,
     HEAD_FILE,
     HEAD_KEY,

@@ -23,7 +23,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from ptune_search.models.tiny_llama import byte_level_tokenizer
+from ptune_search.tiny_llama import byte_level_tokenizer
 
 NUM_LAYERS = 4
 COMMON = dict(vocab_size=258, hidden_size=32, num_hidden_layers=NUM_LAYERS, pad_token_id=256, eos_token_id=257)

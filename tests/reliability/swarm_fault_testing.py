@@ -21,11 +21,12 @@ import torch
 from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
 from ptune_search.pretrained import resolve_model
 from ptune_search.swarm.launcher import LocalSwarm
+from ptune_search.swarm.server.settings import ServerSettings
 from tests.search.search_process import TINY_CONFIG, SearchProcess
 from tests.swarm.swarm_testing import SwarmRegistry, p2pd_children_of_this_process
 
 RECORD_TTL = 3.0  # seconds a server's DHT records live: a dead server leaves routing this soon
-FAST_RECORDS = ["--record-ttl", str(RECORD_TTL), "--refresh-period", "1"]
+FAST_RECORDS = ServerSettings(record_ttl=RECORD_TTL, refresh_period=1.0)
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +42,7 @@ def start_swarm(tiny_llama: Path, tmp_path: Path) -> Iterator[Callable[..., Loca
 
     def start(servers: int, replicas: int = 1) -> LocalSwarm:
         log_dir = tmp_path / f"swarm{len(registry.swarms)}"
-        return registry.start(tiny_llama, servers, replicas, server_args=FAST_RECORDS, log_dir=log_dir)
+        return registry.start(tiny_llama, servers, replicas, settings=FAST_RECORDS, log_dir=log_dir)
 
     try:
         yield start

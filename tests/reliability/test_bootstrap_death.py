@@ -15,6 +15,7 @@ import pytest
 
 from ptune_search.swarm.launcher import read_peers_file
 from ptune_search.swarm.protocol import ServerState
+from ptune_search.swarm.setting_flags import setting_flags
 from tests.reliability.swarm_fault_testing import FAST_RECORDS, RECORD_TTL, swarm_classifier, tiny_llama, train  # noqa: F401 - fixtures
 from tests.swarm.swarm_testing import classification_batch, living
 
@@ -43,7 +44,7 @@ def test_clients_train_and_join_after_the_bootstrap_peer_died(tmp_path, tiny_lla
         str(peers_file),
         "--log-dir",
         str(log_dir),
-        *FAST_RECORDS,
+        *setting_flags(FAST_RECORDS),
     ]
     with open(tmp_path / "local.log", "wb") as log:
         launcher = subprocess.Popen(command, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)

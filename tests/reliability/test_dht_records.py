@@ -22,15 +22,15 @@ import pytest
 import torch
 
 from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
-from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.client.routing import BlockRouter, fetch_block_records
 from ptune_search.swarm.launcher import LocalSwarm
 from ptune_search.swarm.protocol import ServerRecord, ServerState, block_uid, block_uids
 from ptune_search.swarm.signed_records import PeerKey, owner_peer_id
+from ptune_search.tiny_llama import make_tiny_llama
 from tests.reliability.forging_peer import ForgingPeer
-from tests.swarm.swarm_testing import LIMIT_ARGS, SwarmRegistry, classification_batch, copy_trainable
+from tests.swarm.swarm_testing import SMALL_LIMITS, SwarmRegistry, classification_batch, copy_trainable
 
 PREFIX = "tiny-records"
 NUM_BLOCKS = 4
@@ -63,7 +63,7 @@ def records_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def swarm(records_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
     registry = SwarmRegistry()
     try:
-        yield registry.start(records_model, 2, server_args=LIMIT_ARGS, log_dir=tmp_path_factory.mktemp("records"))
+        yield registry.start(records_model, 2, settings=SMALL_LIMITS, log_dir=tmp_path_factory.mktemp("records"))
     finally:
         registry.stop_all()
 

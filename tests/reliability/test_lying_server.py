@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
-from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.swarm.client.chain_passes import SwarmRequestError
+from ptune_search.tiny_llama import make_tiny_llama
 from tests.reliability.lying_server import LIES, LyingSwarm
 from tests.swarm.swarm_testing import classification_batch, copy_trainable, living
 

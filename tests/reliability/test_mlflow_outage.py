@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from ptune_search.config import load_config
-from ptune_search.prompts.prompt_folder import TRIAL_ARTIFACTS
+from ptune_search.models.prompt_folder import TRIAL_ARTIFACTS
 from ptune_search.search.lifecycle import OUTBOX_DIR, SearchRecords
 from ptune_search.search.tracking.outbox import JOURNAL_FILE, REFUSED_FILE, TrackingOutbox
 from ptune_search.search.tracking.records import BEST_TAG, ROLE_TAG, TRIAL_TAG, SearchTracker

@@ -18,12 +18,14 @@ import torch
 from transformers import AutoConfig
 
 from ptune_search.models.llama.model import LlamaBlockSpan
-from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.swarm.client.chain_passes import ChainPasses
 from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.client.routing import BlockRouter
 from ptune_search.swarm.launcher import LocalSwarm
+from ptune_search.swarm.protocol import RequestLimits
+from ptune_search.swarm.server.settings import ServerSettings
+from ptune_search.tiny_llama import make_tiny_llama
 from tests.swarm.swarm_testing import SwarmRegistry, server_info
 
 PREFIX = "tiny-budget"
@@ -42,9 +44,11 @@ def budget_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def swarm(budget_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
     registry = SwarmRegistry()
-    limits = ["--max-tokens", str(BATCH * LENGTH), "--max-inflight-bytes", str(BUDGET), "--cache-bytes", str(BUDGET)]
+    settings = ServerSettings(
+        limits=RequestLimits(max_tokens=BATCH * LENGTH), inflight_bytes=BUDGET, cache_bytes=BUDGET
+    )
     try:
-        yield registry.start(budget_model, 1, server_args=limits, log_dir=tmp_path_factory.mktemp("budget"))
+        yield registry.start(budget_model, 1, settings=settings, log_dir=tmp_path_factory.mktemp("budget"))
     finally:
         registry.stop_all()
 

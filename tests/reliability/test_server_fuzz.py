@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -27,14 +28,14 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 
-from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.launcher import LocalSwarm
 from ptune_search.swarm.protocol import ErrorKind, pack_metadata, span_uid
 from ptune_search.swarm.wire import serialize_tensor, split_tensor
+from ptune_search.tiny_llama import make_tiny_llama
 from tests.swarm.swarm_testing import (
-    LIMIT_ARGS,
     MAX_PAYLOAD,
+    SMALL_LIMITS,
     SwarmRegistry,
     chain_vs_local_blocks,
     p2pd_children_of_this_process,
@@ -43,7 +44,11 @@ from tests.swarm.swarm_testing import (
 
 RECEIVE_TIMEOUT = 4.0
 CACHE_BYTES = 16 * 1024 * 1024
-SERVER_ARGS = [*LIMIT_ARGS, "--cache-bytes", str(CACHE_BYTES), "--receive-timeout", str(RECEIVE_TIMEOUT)]
+FUZZED_SERVER = dataclasses.replace(
+    SMALL_LIMITS,
+    limits=dataclasses.replace(SMALL_LIMITS.limits, receive_timeout=RECEIVE_TIMEOUT),
+    cache_bytes=CACHE_BYTES,
+)
 MIN_INPUTS = 2000
 REQUEST_DEADLINE = 120.0  # per input: tells a hung server from a slow one on a loaded machine
 RSS_MARGIN = 32 * 1024 * 1024  # allocator slack, activations of the largest request, protobuf copies
@@ -58,7 +63,7 @@ def fuzz_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fuzzed_swarm(fuzz_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
     registry = SwarmRegistry()
     try:
-        yield registry.start(fuzz_model, 1, server_args=SERVER_ARGS, log_dir=tmp_path_factory.mktemp("fuzzed"))
+        yield registry.start(fuzz_model, 1, settings=FUZZED_SERVER, log_dir=tmp_path_factory.mktemp("fuzzed"))
     finally:
         registry.stop_all()
 

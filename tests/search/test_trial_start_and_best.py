@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from ptune_search.data import TaskSpec, load_task
 from ptune_search.models.label_words import label_word_tokens, label_words
-from ptune_search.prompts.prompt_folder import HEAD_FILE, PROMPT_FILE
+from ptune_search.models.prompt_folder import HEAD_FILE, PROMPT_FILE
 from ptune_search.search.training import evaluate
 from ptune_search.search.trial import PromptTuningTrial, TrialSettings, build_classifier, ptune_config_of
 

@@ -8,14 +8,15 @@ this pytest process may remain (clients must be closed), and at the end no proce
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional
 
 import pytest
-from swarm_testing import HIDDEN, LIMIT_ARGS, NUM_BLOCKS, SwarmRegistry, p2pd_children_of_this_process
+from swarm_testing import HIDDEN, NUM_BLOCKS, SMALL_LIMITS, SwarmRegistry, p2pd_children_of_this_process
 
 from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification
-from ptune_search.models.tiny_llama import make_tiny_llama
 from ptune_search.swarm.launcher import LocalSwarm
+from ptune_search.swarm.server.settings import ServerSettings
+from ptune_search.tiny_llama import make_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -36,23 +37,23 @@ def session_swarms() -> Iterator[SwarmRegistry]:
 @pytest.fixture(scope="session")
 def swarm2(swarm_model: Path, session_swarms: SwarmRegistry, tmp_path_factory) -> LocalSwarm:
     """Two servers (blocks 0:3 and 3:6) with small request limits, shared by the tests that do not break it."""
-    return session_swarms.start(swarm_model, 2, server_args=LIMIT_ARGS, log_dir=tmp_path_factory.mktemp("swarm2"))
+    return session_swarms.start(swarm_model, 2, settings=SMALL_LIMITS, log_dir=tmp_path_factory.mktemp("swarm2"))
 
 
 @pytest.fixture(scope="session")
 def swarm3(swarm_model: Path, session_swarms: SwarmRegistry, tmp_path_factory) -> LocalSwarm:
     """Three servers: blocks 0:2, 2:4 and 4:6."""
-    return session_swarms.start(swarm_model, 3, server_args=LIMIT_ARGS, log_dir=tmp_path_factory.mktemp("swarm3"))
+    return session_swarms.start(swarm_model, 3, settings=SMALL_LIMITS, log_dir=tmp_path_factory.mktemp("swarm3"))
 
 
 @pytest.fixture
 def start_swarm(swarm_model: Path, tmp_path: Path) -> Iterator[Callable[..., LocalSwarm]]:
-    """Start a swarm of this test only: ``start_swarm(servers, replicas=1, server_args=[...])``."""
+    """Start a swarm of this test only: ``start_swarm(servers, replicas=1, settings=ServerSettings(...))``."""
     registry = SwarmRegistry()
 
-    def start(servers: int, replicas: int = 1, server_args: Sequence[str] = ()) -> LocalSwarm:
+    def start(servers: int, replicas: int = 1, settings: Optional[ServerSettings] = None) -> LocalSwarm:
         log_dir = tmp_path / f"swarm{len(registry.swarms)}"
-        return registry.start(swarm_model, servers, replicas, server_args=list(server_args), log_dir=log_dir)
+        return registry.start(swarm_model, servers, replicas, settings=settings, log_dir=log_dir)
 
     try:
         yield start

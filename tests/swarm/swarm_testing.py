@@ -16,13 +16,14 @@ from ptune_search.models.llama.model import DistributedLlamaConfig, LlamaBlockSp
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.client.remote_chain import RemoteBlockChain
 from ptune_search.swarm.launcher import LocalSwarm
-from ptune_search.swarm.protocol import BlockService, unpack_metadata
+from ptune_search.swarm.protocol import BlockService, RequestLimits, unpack_metadata
+from ptune_search.swarm.server.settings import ServerSettings
 
 NUM_BLOCKS = 6
 HIDDEN = 64
 MAX_TOKENS = 512
 MAX_PAYLOAD = 3 * 1024 * 1024
-LIMIT_ARGS = ["--max-tokens", str(MAX_TOKENS), "--max-payload-bytes", str(MAX_PAYLOAD)]
+SMALL_LIMITS = ServerSettings(limits=RequestLimits(max_tokens=MAX_TOKENS, max_payload_bytes=MAX_PAYLOAD))
 
 
 def _process_table() -> list[tuple[int, int, int, str, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
-from swarm_testing import LIMIT_ARGS, SwarmRegistry, classification_batch
+from swarm_testing import SMALL_LIMITS, SwarmRegistry, classification_batch
 
 from ptune_search.swarm.protocol import BlockService, unpack_metadata
+from ptune_search.swarm.server.fair_queue import MergeLimits
 
 STEPS = 6
 MERGE_WAIT = 5.0  # clients in threads of one process meet on the server however loaded the machine (waits end
@@ -61,8 +63,8 @@ def merge_counts(swarm, model) -> list[int]:
 @pytest.fixture(scope="module")
 def one_server(swarm_model, session_swarms: SwarmRegistry, tmp_path_factory):
     """One server for all 6 blocks, so that every request of every client meets the others there."""
-    server_args = [*LIMIT_ARGS, "--merge-wait", str(MERGE_WAIT)]
-    return session_swarms.start(swarm_model, 1, server_args=server_args, log_dir=tmp_path_factory.mktemp("one"))
+    settings = dataclasses.replace(SMALL_LIMITS, merge=MergeLimits(max_wait=MERGE_WAIT))
+    return session_swarms.start(swarm_model, 1, settings=settings, log_dir=tmp_path_factory.mktemp("one"))
 
 
 @pytest.mark.parametrize("clients", [2, 4])

@@ -18,6 +18,7 @@ from swarm_testing import (
 
 from ptune_search.models.llama.model import DistributedLlamaForSequenceClassification, LlamaBlockSpan
 from ptune_search.swarm.client.remote_chain import RemoteBlockChain
+from ptune_search.swarm.server.settings import ServerSettings
 
 TOLERANCE = 1e-5
 
@@ -88,7 +89,7 @@ def test_forward_without_grad_equals_local_blocks(swarm_model, swarm2):
 
 def test_bfloat16_server_equals_local_bfloat16_blocks_for_a_float32_client(swarm_model, start_swarm):
     """The client's float32 hidden states travel as bfloat16; deep-prompt grads come back in float32."""
-    swarm = start_swarm(1, server_args=["--dtype", "bfloat16"])
+    swarm = start_swarm(1, settings=ServerSettings(dtype="bfloat16"))
     config = swarm_config(swarm_model, swarm)
     local = LlamaBlockSpan.from_checkpoint(swarm_model, config, 0, NUM_BLOCKS, dtype=torch.bfloat16)
     chain = RemoteBlockChain.connect(config)
@@ -113,7 +114,7 @@ def test_bfloat16_server_equals_local_bfloat16_blocks_for_a_float32_client(swarm
 
 def test_a_step_abandoned_after_its_forward_frees_its_graph_once_it_expires(start_swarm, remote_classifier):
     max_age = 3.0
-    swarm = start_swarm(1, server_args=["--cache-max-age", str(max_age)])
+    swarm = start_swarm(1, settings=ServerSettings(cache_max_age=max_age))
     model = remote_classifier(swarm, tuning_mode="deep_ptune", pre_seq_len=2)
     connection, peer_id = model.model.layers.connection, swarm.servers[0].peer_id
     before_forward = time.monotonic()

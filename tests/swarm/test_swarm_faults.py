@@ -14,9 +14,10 @@ from swarm_testing import NUM_BLOCKS, classification_batch
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.client.routing import fetch_block_records
 from ptune_search.swarm.protocol import ServerState, block_uids
+from ptune_search.swarm.server.settings import ServerSettings
 
 RECORD_TTL = 3.0
-FAST_RECORDS = ["--record-ttl", str(RECORD_TTL), "--refresh-period", "1"]
+FAST_RECORDS = ServerSettings(record_ttl=RECORD_TTL, refresh_period=1.0)
 STEPS = 30
 
 
@@ -45,7 +46,7 @@ def records_of(connection: SwarmConnection, swarm, peer_id: str) -> dict[str, Se
 
 
 def test_training_survives_sigkill_of_a_replica_and_its_records_expire(start_swarm, remote_classifier, swarm_model):
-    swarm = start_swarm(4, replicas=2, server_args=FAST_RECORDS)
+    swarm = start_swarm(4, replicas=2, settings=FAST_RECORDS)
     settings = dict(tuning_mode="deep_ptune", pre_seq_len=2, ban_timeout=60.0, request_timeout=10.0)
     batches = [classification_batch(seed) for seed in range(5)]
 
@@ -81,7 +82,7 @@ def test_training_survives_sigkill_of_a_replica_and_its_records_expire(start_swa
 
 
 def test_forward_reroutes_around_a_dead_replica(start_swarm, remote_classifier):
-    swarm = start_swarm(2, replicas=2, server_args=FAST_RECORDS)  # two servers, each holding every block
+    swarm = start_swarm(2, replicas=2, settings=FAST_RECORDS)  # two servers, each holding every block
     model = remote_classifier(swarm, tuning_mode="ptune", pre_seq_len=2, ban_timeout=60.0, request_timeout=10.0)
     batch = classification_batch(0)
     chain = model.model.layers

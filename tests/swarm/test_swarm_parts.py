@@ -89,7 +89,7 @@ class Kept:
 
 
 def test_activation_cache_evicts_oldest_entries_to_stay_within_its_byte_budget():
-    cache = ActivationCache(max_bytes=100)
+    cache = ActivationCache(max_bytes=100, max_age=60.0)
     assert cache.put("a", Kept(40)) and cache.put("b", Kept(40))
     assert cache.put("c", Kept(40))  # evicts "a"
     assert not cache.put("huge", Kept(101))

@@ -25,7 +25,8 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 from ray import tune
 
-from ptune_search.prompts.prompt_folder import TRIAL_ARTIFACTS
+from ptune_search.models.prompt_folder import TRIAL_ARTIFACTS
+from ptune_search.prompts.run_tags import BEST_TAG, ROLE_TAG, TRIAL_TAG
 from ptune_search.search.tracking.filters import tag_clause, tagged
 from ptune_search.search.tracking.outbox import OutboxRecord, TrackingOutbox
 from ptune_search.search.tracking.task_dataset import TaskDatasetInput
@@ -36,9 +37,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SEARCH_TAG = "ptune_search.search_dir"
-TRIAL_TAG = "ptune_search.trial_id"
-ROLE_TAG = "ptune_search.role"
-BEST_TAG = "ptune_search.best"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 # What kind of experiment this is, for MLflow 3's UI (model training, not GenAI); the view it opens on is a
 # per-browser setting that only the URL query WORKFLOW_QUERY overrides (see experiment_runs_url).

@@ -37,7 +37,7 @@ class KeptForward(Protocol):
 class ActivationCache:
     """LRU of :class:`KeptForward` bounded by ``max_bytes`` and ``max_age`` seconds."""
 
-    def __init__(self, max_bytes: int, max_age: float = 300.0):
+    def __init__(self, max_bytes: int, max_age: float):
         self.max_bytes, self.max_age = max_bytes, max_age
         self._entries: collections.OrderedDict[Hashable, KeptForward] = collections.OrderedDict()
         self._bytes = 0

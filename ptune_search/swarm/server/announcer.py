@@ -36,7 +36,7 @@ class ServerAnnouncer:
         node: "DHTNode",
         uids: Sequence[str],
         subkey: str,
-        ttl: float = 60.0,
+        ttl: float,
         refresh_period: Optional[float] = None,
     ):
         if ttl <= 0:

@@ -31,7 +31,6 @@ from ptune_search.models.registry import family_of
 from ptune_search.swarm.protocol import (
     PROTOCOL_VERSION,
     BlockService,
-    RequestLimits,
     ServedModel,
     ServerRecord,
     ServerState,
@@ -42,37 +41,16 @@ from ptune_search.swarm.server.activation_cache import ActivationCache
 from ptune_search.swarm.server.admission import InflightBudget
 from ptune_search.swarm.server.announcer import ServerAnnouncer
 from ptune_search.swarm.server.checks import ServedSpan
-from ptune_search.swarm.server.fair_queue import FairQueue, MergeLimits
+from ptune_search.swarm.server.fair_queue import FairQueue
 from ptune_search.swarm.server.handlers import BlockRPCHandlers
 from ptune_search.swarm.server.host_cores import HostCores
+from ptune_search.swarm.server.settings import ServerSettings
 from ptune_search.swarm.signed_records import PeerKey, SwarmRecordValidator
-from ptune_search.swarm.wire import dtype_name
 
 if TYPE_CHECKING:
     from hivemind.dht import DHTNode
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class ServerSettings:
-    """How a block server runs; the defaults suit one machine. Times are in seconds."""
-
-    dht_prefix: Optional[str] = None  # default: the checkpoint folder's name (see protocol.model_prefix)
-    dtype: torch.dtype = torch.float32
-    num_threads: Optional[int] = None  # torch threads for compute; default: torch's own choice
-    limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
-    cache_bytes: int = 2 * 1024**3  # forward graphs kept for backward
-    cache_max_age: float = 600.0
-    inflight_bytes: int = 4 * 1024**3  # requests in flight (payloads, answers) and kept graphs together
-    inflight_tokens: int = 256 * 1024  # tokens of the requests in flight together
-    merge: MergeLimits = dataclasses.field(default_factory=MergeLimits)  # requests of clients run as one batch
-    record_ttl: float = 60.0
-    refresh_period: Optional[float] = None  # default: record_ttl / 3
-    host: str = "127.0.0.1"
-    port: int = 0
-    compute_lock: Optional[Path] = None  # lock-file prefix shared by the servers of one machine (HostCores)
-    identity_file: Optional[Path] = None  # the server's key (its peer id); default: a new key at each start
 
 
 class BlockServer:
@@ -120,16 +98,14 @@ class BlockServer:
             threads=settings.num_threads,
             merge_limits=settings.merge,
         )
-        record = ServerRecord(
-            ServerState.JOINING, self.start, self.end, dtype=dtype_name(settings.dtype), model=self.served_model
-        )
+        record = ServerRecord(ServerState.JOINING, self.start, self.end, dtype=settings.dtype, model=self.served_model)
         expiry: Optional[asyncio.Task] = None
         try:
             await announcer.announce(record)
             announcer.start()
             loop = asyncio.get_running_loop()
             span = await loop.run_in_executor(None, self._load_span)
-            throughput = await loop.run_in_executor(None, measure_throughput, span, settings.dtype)
+            throughput = await loop.run_in_executor(None, measure_throughput, span, settings.torch_dtype)
             queue.start()
             handlers = self._handlers(span, queue, throughput)
             expiry = asyncio.create_task(_expire_forever(handlers.cache))
@@ -154,7 +130,7 @@ class BlockServer:
         from hivemind.dht import DHTNode
 
         settings = self.settings
-        options = dict(initial_peers=self.initial_peers, host_maddrs=[f"/ip4/{settings.host}/tcp/{settings.port}"])
+        options = dict(initial_peers=self.initial_peers, host_maddrs=[settings.listen.maddr])
         if settings.identity_file is not None:
             key = PeerKey.load_or_create(settings.identity_file)
             node = await DHTNode.create(
@@ -176,7 +152,7 @@ class BlockServer:
     def _load_span(self) -> DecoderBlockSpan:
         started = time.perf_counter()
         span = self.family.span_class.from_checkpoint(
-            self.model_path, self.config, self.start, self.end, self.settings.dtype
+            self.model_path, self.config, self.start, self.end, self.settings.torch_dtype
         )
         logger.info(f"loaded blocks {self.start}:{self.end} in {time.perf_counter() - started:.1f}s")
         return span
@@ -188,7 +164,7 @@ class BlockServer:
             self.start,
             self.end,
             self.config.hidden_size,
-            settings.dtype,
+            settings.torch_dtype,
             settings.limits,
             self.served_model,
         )
@@ -197,7 +173,7 @@ class BlockServer:
             "start": self.start,
             "end": self.end,
             "hidden_size": self.config.hidden_size,
-            "dtype": dtype_name(settings.dtype),
+            "dtype": settings.dtype,
             "limits": settings.limits.to_dict(),
             "throughput": throughput,
             "version": PROTOCOL_VERSION,

@@ -58,10 +58,6 @@ class SpanRequest:
     keep_activations: bool
     wire_dtype: torch.dtype  # hidden-size tensors came in it and go back in it (the server's or a 16-bit one)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.hidden.shape[0] * self.hidden.shape[1]
-
 
 def bad_request(message: str) -> RequestRefused:
     return RequestRefused(ErrorKind.BAD_REQUEST, message)

@@ -29,6 +29,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Optional, Sequence, TypeVar
 
+from ptune_search.swarm.protocol import RequestLimits
+from ptune_search.swarm.setting_flags import setting
+
 if TYPE_CHECKING:
     from ptune_search.swarm.server.host_cores import HostCores
 
@@ -49,9 +52,15 @@ class MergeLimits:
     last ``FairQueue.ACTIVE_SECONDS`` lets their passes meet once; then they come back together, as one
     batch's replies go out at once."""
 
-    max_tokens: int = 8192
-    max_bytes: int = 64 * 1024**2
-    max_wait: float = 0.02  # seconds a batch waits for clients that are active but have nothing queued yet
+    max_tokens: int = setting(
+        8192,
+        flag="--merge-max-tokens",
+        help="largest batch (rows x length) of concurrent clients' requests run as one; 0: never merge",
+    )
+    max_bytes: int = setting(64 * 1024**2, flag="--merge-max-bytes", help="largest tensors of a merged batch together")
+    max_wait: float = setting(
+        0.02, flag="--merge-wait", help="seconds a batch may wait for other active clients' requests"
+    )
 
 
 RunBatch = Callable[[Sequence[Any]], Sequence[Any]]
@@ -97,7 +106,7 @@ class FairQueue:
 
     def __init__(
         self,
-        max_pending: int = 1024,
+        max_pending: int = RequestLimits.max_queue,
         name: str = "block-compute",
         *,
         cores: Optional[HostCores] = None,

@@ -37,7 +37,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from ptune_search.prompts.prompt_folder import HEAD_KEY, MANIFEST_FILE, SHALLOW_KEY, ExportedPrompt
+from ptune_search.models.prompt_folder import HEAD_KEY, MANIFEST_FILE, SHALLOW_KEY, ExportedPrompt
 
 if TYPE_CHECKING:
     import torch
@@ -173,7 +173,7 @@ class PeftPromptAdapter:
 
     def load_into(self, model: "nn.Module", *, checkpoint_checked: bool = False) -> None:
         """Copy the prompt (and a saved head, into a classifier) in; models are told apart by their shape, not
-        their class, as :mod:`~ptune_search.prompts.prompt_folder` does, so every family takes an adapter."""
+        their class, as :mod:`~ptune_search.models.prompt_folder` does, so every family takes an adapter."""
         base = getattr(model, "model", model)
         if (base.tuning_mode, base.pre_seq_len) != ("ptune", self.pre_seq_len):
             raise ValueError(
