@@ -212,6 +212,7 @@ class RequestLimits:
     max_pre_seq_len: int = 1024
     max_queue: int = 1024  # waiting requests of all clients together
     receive_timeout: float = 60.0  # seconds a streamed request may take to arrive whole
+    session_timeout: float = 300.0  # seconds an inference session may wait for its next step (a client may ask less)
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -314,4 +315,10 @@ class BlockService(ServicerBase):
     async def rpc_backward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """An inference session: one stream each way for its whole life (see server/inference.py)."""
         raise NotImplementedError
