@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Optional
 
 import torch
 from hivemind.proto import runtime_pb2
@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 
     from ptune_search.swarm.client.connection import SwarmConnection
 
+PROBE_PERIOD = 1.0  # seconds a step's answer may be late before the server is checked to be alive
+
 
 class ServerSession:
     """One server's part of a session: blocks ``span.start..span.end-1``, and the inputs sent to them."""
@@ -61,12 +63,14 @@ class ServerSession:
     def __init__(
         self,
         span: RemoteSpan,
+        stub: Any,
         outbox: asyncio.Queue,
         responses: AsyncIterator[runtime_pb2.ExpertResponse],
         wire_dtype: torch.dtype,
         timeout: float,
     ):
         self.span, self._outbox, self._responses = span, outbox, responses
+        self._stub = stub
         self.wire_dtype, self.timeout = wire_dtype, timeout
         self.position = 0
         self.inputs: list[torch.Tensor] = []  # hidden states of every step so far, for a replay elsewhere
@@ -89,7 +93,7 @@ class ServerSession:
         outbox.put_nowait(runtime_pb2.ExpertRequest(uid=uid, metadata=pack_metadata(metadata)))
         stub = BlockService.get_stub(p2p, span.peer_id)
         responses = await asyncio.wait_for(stub.rpc_inference(_drained(outbox)), timeout)
-        session = cls(span, outbox, responses, wire_dtype, timeout)
+        session = cls(span, stub, outbox, responses, wire_dtype, timeout)
         try:
             answer = await asyncio.wait_for(anext(responses, None), timeout)
             if answer is None:
@@ -112,11 +116,29 @@ class ServerSession:
         for index, part in enumerate(parts):
             self._outbox.put_nowait(runtime_pb2.ExpertRequest(tensors=[part], metadata=b"" if index else metadata))
         sent = tensors[0].numel() * tensors[0].element_size()
-        (output,) = await asyncio.wait_for(self._receive(sent), self.timeout)
+        (output,) = await self._answer(self._receive(sent))
         check_outputs(str(self.span.peer_id), "inference step", [output], [tensors[0]])
         self.inputs.append(hidden)
         self.position += hidden.shape[1]
         return output.to(hidden.dtype)
+
+    async def _answer(self, receiving: Awaitable[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The step's answer, within ``timeout``; while it is late, the server is asked for its ``info`` every
+        ``PROBE_PERIOD`` seconds, so that a server that died (a stream to it may stay silent, not broken) fails
+        the step at once."""
+        task = asyncio.ensure_future(receiving)
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        try:
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                done, _ = await asyncio.wait({task}, timeout=min(PROBE_PERIOD, max(left, 0)))
+                if done:
+                    return task.result()
+                if left <= PROBE_PERIOD:
+                    raise TimeoutError(f"server {self.span.peer_id} did not answer a step within {self.timeout:g} s")
+                await self._stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=PROBE_PERIOD)
+        finally:
+            task.cancel()
 
     async def _receive(self, max_bytes: int) -> list[torch.Tensor]:
         assembler = TensorAssembler(max_bytes, max_tensors=1)
