@@ -102,7 +102,7 @@ def recomputed_greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor
     return ids
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen2", "falcon-new", "bloom"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_deep_ptune_generation_equals_recomputing_the_whole_sequence(checkpoints, variant):
     path = checkpoints(variant)
     model = AutoDistributedModelForCausalLM.from_pretrained(

@@ -12,7 +12,7 @@ from swarm_testing import server_info
 from ptune_search.models.llama.model import DistributedLlamaForCausalLM
 from ptune_search.swarm.client.chain_passes import SwarmRequestError
 from ptune_search.swarm.client.connection import SwarmConnection
-from ptune_search.swarm.protocol import RequestRefused
+from ptune_search.swarm.protocol import ErrorKind, RequestRefused
 
 PAD = 256
 
@@ -147,3 +147,18 @@ def test_a_server_killed_mid_generation_changes_no_token(start_swarm, causal_lm)
             logits = session.step(torch.tensor([[tokens[-1]]]))[:, -1]
         assert session.blocks.replays >= 1
     assert tokens == expected.tolist()
+
+
+def test_bad_sessions_are_refused_and_leave_the_server_serving(swarm2, causal_lm):
+    model = causal_lm(swarm2, tuning_mode="deep_ptune", pre_seq_len=2, eos_token_id=None)
+    with pytest.raises(RequestRefused, match="token limit") as refusal:
+        with model.inference_session(max_length=600) as session:  # beyond the servers' 512 tokens
+            session.step(batch()[0][:1])
+    assert refusal.value.kind == ErrorKind.BAD_REQUEST
+    blocks = model.model.layers.inference_session(batch_size=1, max_length=10, pre_seq_len=2)
+    with pytest.raises(RequestRefused, match="deep prompts"), blocks:
+        blocks.step(torch.zeros(1, 3, 64), torch.ones(1, 3, dtype=torch.long))  # the prefix without its prompts
+    ids = batch()[0][:1]
+    assert model.generate(ids, max_new_tokens=3).shape == (1, ids.shape[1] + 3)
+    with SwarmConnection(swarm2.initial_peers) as observer:
+        assert eventually(lambda: all(s["open"] == 0 for s in sessions_of(observer, swarm2)))
