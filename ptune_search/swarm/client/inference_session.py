@@ -284,9 +284,9 @@ class RemoteInferenceSession:
         """Back off when the server is busy, else ban it and count the failure, as a forward does (raises
         when the request is bad or the retries are spent)."""
         if isinstance(error, RequestRefused) and error.kind == ErrorKind.BUSY:
-            await self.passes._on_busy("inference", span, error)
+            await self.passes.on_busy("inference", span, error)
             return failures
-        return await self.passes._on_failure("inference", span, failures, error)
+        return await self.passes.on_failure("inference", span, failures, error)
 
     def _span_prompts(self, span: RemoteSpan, position: int) -> Optional[torch.Tensor]:
         if self._prompts is None or position >= self.pre_seq_len:
