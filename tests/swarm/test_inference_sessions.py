@@ -103,35 +103,21 @@ def test_a_session_without_steps_expires_and_frees_its_reservation(sessions):
     assert sessions.stats()["ended"] == {"expired": 1} and sessions.budget.bytes == 0
 
 
+def plain_step(batch: int, length: int) -> list[runtime_pb2.ExpertRequest]:
+    return step_messages(torch.ones(batch, length, 64), torch.ones(batch, length, dtype=torch.long), chunk_bytes=2**20)
+
+
 @pytest.mark.parametrize(
-    "build, message",
+    "messages, message",
     [
-        (lambda: [opening(1, 8, pre_seq_len=8)], "pre_seq_len 8 must be below max_length 8"),
-        (
-            lambda: [
-                opening(1, 8),
-                *step_messages(torch.ones(1, 9, 64), torch.ones(1, 9, dtype=torch.long), chunk_bytes=2**20),
-            ],
-            "exceed the session's max_length 8",
-        ),
-        (
-            lambda: [
-                opening(1, 8, 2),
-                *step_messages(torch.ones(1, 3, 64), torch.ones(1, 3, dtype=torch.long), chunk_bytes=2**20),
-            ],
-            "deep prompts of the prefix",
-        ),
-        (
-            lambda: [
-                opening(2, 8),
-                *step_messages(torch.ones(1, 3, 64), torch.ones(1, 3, dtype=torch.long), chunk_bytes=2**20),
-            ],
-            "batch size 2",
-        ),
+        ([opening(1, 8, pre_seq_len=8)], "pre_seq_len 8 must be below max_length 8"),
+        ([opening(1, 8), *plain_step(1, 9)], "exceed the session's max_length 8"),
+        ([opening(1, 8, pre_seq_len=2), *plain_step(1, 3)], "deep prompts of the prefix"),
+        ([opening(2, 8), *plain_step(1, 3)], "batch size 2"),
     ],
 )
-def test_bad_sessions_and_steps_are_refused_and_free_their_reservation(sessions, build, message):
-    answers = exchange(sessions, build())
+def test_bad_sessions_and_steps_are_refused_and_free_their_reservation(sessions, messages, message):
+    answers = exchange(sessions, messages)
 
     assert message in answers[-1]["error"]["message"] and answers[-1]["error"]["kind"] == "bad_request"
     assert sessions.stats()["open"] == 0 and sessions.budget.bytes == 0
