@@ -123,22 +123,33 @@ class ServerSession:
         return output.to(hidden.dtype)
 
     async def _answer(self, receiving: Awaitable[list[torch.Tensor]]) -> list[torch.Tensor]:
-        """The step's answer, within ``timeout``; while it is late, the server is asked for its ``info`` every
-        ``PROBE_PERIOD`` seconds, so that a server that died (a stream to it may stay silent, not broken) fails
-        the step at once."""
-        task = asyncio.ensure_future(receiving)
-        deadline = asyncio.get_running_loop().time() + self.timeout
+        """The step's answer, within ``timeout``. While it is late, the server is asked for its ``info`` every
+        ``PROBE_PERIOD`` seconds: a server that died may leave the session's stream silent rather than broken,
+        and the probe's dial fails at once. A slow probe is no failure: only the deadline is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        answer = asyncio.ensure_future(receiving)
+        probe: Optional[asyncio.Future] = None
         try:
             while True:
-                left = deadline - asyncio.get_running_loop().time()
-                done, _ = await asyncio.wait({task}, timeout=min(PROBE_PERIOD, max(left, 0)))
-                if done:
-                    return task.result()
-                if left <= PROBE_PERIOD:
+                left = deadline - loop.time()
+                if left <= 0:
                     raise TimeoutError(f"server {self.span.peer_id} did not answer a step within {self.timeout:g} s")
-                await self._stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=PROBE_PERIOD)
+                waiting = {answer} if probe is None else {answer, probe}
+                wait = left if probe is not None else min(PROBE_PERIOD, left)
+                done, _ = await asyncio.wait(waiting, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if answer in done:
+                    return answer.result()
+                if probe is not None and probe in done:
+                    probe.result()  # raises if the server could not be reached
+                    probe = None
+                elif probe is None:
+                    request = runtime_pb2.ExpertRequest()
+                    probe = asyncio.ensure_future(self._stub.rpc_info(request, timeout=left))
         finally:
-            task.cancel()
+            for task in (answer, probe):
+                if task is not None:
+                    task.cancel()
 
     async def _receive(self, max_bytes: int) -> list[torch.Tensor]:
         assembler = TensorAssembler(max_bytes, max_tensors=1)
