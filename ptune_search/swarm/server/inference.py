@@ -6,8 +6,9 @@ A session is one ``rpc_inference`` stream each way, for its whole life:
   ``{"open": {"batch_size", "max_length", "pre_seq_len", "timeout"}, "model": ...}``; the server reserves
   the memory of its :class:`~ptune_search.models.session_cache.SessionCache` (``batch_size x max_length``
   positions, prefix included, times the bytes a position takes in the span's blocks) in the server's
-  :class:`InflightBudget`, or refuses the session as ``busy`` when the budget is full, and answers
-  ``{"session": {"max_length", "timeout", "bytes"}}``;
+  :class:`InflightBudget`, or refuses the session as ``busy`` when the budget is full (a session alone on
+  the server is admitted, like any request alone; ``batch_size x max_length`` is bounded by the token limit
+  of a request), and answers ``{"session": {"max_length", "timeout", "bytes"}}``;
 - each step is ``[hidden [B, t, H], step_mask [B, t], (deep prompts [B or 1, P * n, H])]``, cut into stream
   messages as wire.py cuts tensors; its first message's metadata ``{"messages": k}`` says how many carry it.
   Only the new positions travel; the deep prompts come with the steps whose positions reach into the
@@ -27,6 +28,7 @@ import collections
 import logging
 from typing import Any, AsyncIterator, Hashable, Optional
 
+import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
@@ -47,6 +49,16 @@ from ptune_search.swarm.wire import PayloadTooLarge, TensorAssembler, response_m
 logger = logging.getLogger(__name__)
 
 
+class SessionExpired(RequestRefused):
+    """No step came within the session's timeout: the client sees a ``bad_request`` naming the expiry."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorKind.BAD_REQUEST, message)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.message,)
+
+
 class InferenceSessions:
     """Serves ``rpc_inference`` for a span; counts the sessions open and how they ended."""
 
@@ -63,46 +75,36 @@ class InferenceSessions:
     async def serve(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        limits = self.served.limits
         with self.budget.ticket() as ticket:
             try:
-                async with asyncio.timeout(limits.receive_timeout):
-                    opening = await anext(requests, None)
-                if opening is None:
+                session = await self._open(requests)
+                if session is None:  # the client left before opening
                     return
-                session = parse_session_open(opening.uid, opening.metadata, self.served)
                 reserved = session.batch_size * session.max_length * await self._position_bytes()
                 ticket.add(nbytes=reserved)  # busy when the server's budget is full
-            except TimeoutError:
-                yield _error(bad_request(f"the session's opening did not arrive within {limits.receive_timeout:g} s"))
-                return
             except RequestRefused as e:
                 yield _error(e)
                 return
             cache = SessionCache(session.batch_size, session.max_length)
             self.open += 1
             self.reserved_bytes += reserved
-            ending = "disconnected"  # unless the loop below says otherwise
+            ending = "disconnected"  # unless the client closes, goes idle, or a step is refused
             try:
                 answer = {"max_length": session.max_length, "timeout": session.timeout, "bytes": reserved}
                 yield runtime_pb2.ExpertResponse(metadata=pack_metadata({"session": answer}))
                 while True:
                     try:
-                        try:
-                            async with asyncio.timeout(session.timeout):
-                                tensors = await self._receive_step(requests)
-                        except TimeoutError:
-                            ending = "expired"
-                            raise bad_request(
-                                f"the session expired: no step came within {session.timeout:g} s"
-                            ) from None
+                        tensors = await self._receive_step(requests, session.timeout)
                         if tensors is None:
                             ending = "closed"
                             return
                         output = await self._step(session, cache, tensors, context.remote_id)
+                    except SessionExpired as e:
+                        ending = "expired"
+                        yield _error(e)
+                        return
                     except RequestRefused as e:
-                        if ending != "expired":
-                            ending = "refused"
+                        ending = "refused"
                         yield _error(e)
                         return
                     for message in response_messages([output], {"position": cache.length}):
@@ -113,14 +115,35 @@ class InferenceSessions:
                 self.reserved_bytes -= reserved
                 self.ended[ending] += 1
 
+    async def _open(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> Optional[SessionRequest]:
+        timeout = self.served.limits.receive_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                opening = await anext(requests, None)
+        except TimeoutError:
+            raise bad_request(f"the session's opening did not arrive within {timeout:g} s") from None
+        except ValueError as e:
+            raise bad_request(f"malformed session stream: {e}") from None
+        return None if opening is None else parse_session_open(opening.uid, opening.metadata, self.served)
+
     async def _position_bytes(self) -> int:
         """Cache bytes of one row and position over the span, measured once (by a one-token step)."""
         if self._bytes_per_position is None:
             self._bytes_per_position = await self.queue.run("sessions", self.span.cache_bytes_per_position)
         return self._bytes_per_position
 
-    async def _receive_step(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> Optional[list]:
-        """The tensors of the next step, or None when the client closed its stream."""
+    async def _receive_step(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout: float
+    ) -> Optional[list[torch.Tensor]]:
+        """The tensors of the next step, or None when the client closed its stream; :class:`SessionExpired` if
+        the step has not arrived whole within ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._read_step(requests)
+        except TimeoutError:
+            raise SessionExpired(f"the session expired: no step came within {timeout:g} s") from None
+
+    async def _read_step(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> Optional[list[torch.Tensor]]:
         try:
             first = await anext(requests, None)
             if first is None:
@@ -143,7 +166,9 @@ class InferenceSessions:
         except ValueError as e:
             raise bad_request(f"malformed step: {e}") from None
 
-    async def _step(self, session: SessionRequest, cache: SessionCache, tensors: list, client: Hashable):
+    async def _step(
+        self, session: SessionRequest, cache: SessionCache, tensors: list[torch.Tensor], client: Hashable
+    ) -> torch.Tensor:
         step = parse_session_step(tensors, session, cache.length, self.served)
 
         def run():
