@@ -133,6 +133,19 @@ def test_session_steps_give_the_logits_of_a_full_forward(checkpoints):
     assert (logits - expected).abs().max().item() <= 1e-5
 
 
+def test_generate_continues_an_open_session(checkpoints):
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        checkpoints("qwen3"), local_blocks=True, tuning_mode="deep_ptune", pre_seq_len=2, eos_token_id=None
+    )
+    ids = rows(seed=8)[0][None]
+    at_once = model.generate(ids, max_new_tokens=6)
+    with model.inference_session(max_length=ids.shape[1] + 6) as session:
+        first = model.generate(ids, max_new_tokens=3, session=session)
+        # the session was fed every token but the last new one: the next call starts from it
+        second = model.generate(first[:, -1:], max_new_tokens=3, session=session)
+    assert torch.cat([first, second[:, 1:]], dim=1).tolist() == at_once.tolist()
+
+
 def test_seeded_sampling_repeats_and_differs_between_seeds(checkpoints):
     model = AutoDistributedModelForCausalLM.from_pretrained(checkpoints("llama"), local_blocks=True, eos_token_id=None)
     ids = rows(seed=6)[0][None].repeat(2, 1)
