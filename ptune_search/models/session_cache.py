@@ -41,7 +41,9 @@ class SessionCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self._keys.values(), *self._values.values()))
+        """Bytes of the buffers allocated so far (read from any thread: the dicts are copied at once)."""
+        buffers = list(self._keys.values()) + list(self._values.values())
+        return sum(t.numel() * t.element_size() for t in buffers)
 
     def begin_step(self, step_mask: torch.Tensor) -> torch.Tensor:
         """Start a step of ``step_mask.shape[1]`` new positions; returns the mask of all positions ``[B, past + t]``."""

@@ -87,6 +87,7 @@ def test_a_session_reserves_its_cache_until_closed(swarm2, causal_lm):
         assert [s["open"] for s in during] == [1, 1]
         positions = 2 * (2 + 40)  # rows x (prefix + max_length)
         assert all(s["reserved_bytes"] > 0 and s["reserved_bytes"] % positions == 0 for s in during)
+        assert all(s["allocated_bytes"] == s["reserved_bytes"] for s in during)  # the whole cache, and no more
         assert all(b["bytes"] >= s["reserved_bytes"] for b, s in zip(budgets, during))
         assert eventually(
             lambda: all(s["open"] == 0 and s["reserved_bytes"] == 0 for s in sessions_of(observer, swarm2))

@@ -67,10 +67,18 @@ class InferenceSessions:
         self.open = 0
         self.reserved_bytes = 0
         self.ended: collections.Counter[str] = collections.Counter()
+        self._caches: set[SessionCache] = set()
         self._bytes_per_position: Optional[int] = None
 
     def stats(self) -> dict[str, Any]:
-        return {"open": self.open, "reserved_bytes": self.reserved_bytes, "ended": dict(self.ended)}
+        """Open sessions, the bytes reserved for their caches and those allocated (never more), how they ended."""
+        allocated = sum(cache.nbytes for cache in list(self._caches))
+        return {
+            "open": self.open,
+            "reserved_bytes": self.reserved_bytes,
+            "allocated_bytes": allocated,
+            "ended": dict(self.ended),
+        }
 
     async def serve(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -86,6 +94,7 @@ class InferenceSessions:
                 yield _error(e)
                 return
             cache = SessionCache(session.batch_size, session.max_length)
+            self._caches.add(cache)
             self.open += 1
             self.reserved_bytes += reserved
             ending = "disconnected"  # unless the client closes, goes idle, or a step is refused
@@ -111,6 +120,7 @@ class InferenceSessions:
                         yield message
             finally:
                 cache.free()
+                self._caches.discard(cache)
                 self.open -= 1
                 self.reserved_bytes -= reserved
                 self.ended[ending] += 1
