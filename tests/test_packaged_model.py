@@ -48,3 +48,24 @@ def test_ten_adamw_steps_of_ptune_lower_the_training_loss():
     print(f"SmolLM2-135M ptune on bbc_news: probe loss {before:.4f} -> {after:.4f}; step losses {losses}")
     assert all(torch.isfinite(torch.tensor(losses)))
     assert after < before - 0.1
+
+
+def test_greedy_generation_of_a_left_padded_batch_equals_hugging_face_row_by_row():
+    from transformers import AutoModelForCausalLM
+
+    from ptune_search.models import AutoDistributedModelForCausalLM
+
+    path = prepare_model("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    texts = ["The BBC reported today that", "Shares in the company"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, local_blocks=True)
+    generated = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=16)
+
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
+    for row, text in enumerate(texts):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+        new = expected[0, ids.shape[1] :]
+        assert generated[row, batch["input_ids"].shape[1] :][: len(new)].tolist() == new.tolist()

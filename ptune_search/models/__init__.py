@@ -11,6 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "AutoDistributedModelForSequenceClassification": "ptune_search.models.registry",
+    "AutoDistributedModelForCausalLM": "ptune_search.models.registry",
     "family_of": "ptune_search.models.registry",
     "supported_model_types": "ptune_search.models.registry",
     "DistributedLlamaConfig": "ptune_search.models.llama.model",

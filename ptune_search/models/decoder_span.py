@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from ptune_search.models.checkpoint import read_tensors
+from ptune_search.models.session_cache import LocalBlocksSession, SessionCache
 
 ATTENTION_IMPLEMENTATION = "sdpa"
 
@@ -29,6 +30,7 @@ class DecoderBlockSpan(nn.Module):
 
     layer_class: ClassVar[type[nn.Module]]
     checkpoint_prefix: ClassVar[str] = "model.layers"
+    cache_argument: ClassVar[str] = "cache"  # the keyword by which the layer class takes a key/value cache
 
     def __init__(self, config: PreTrainedConfig, start: int, end: int, blocks: list[nn.Module]):
         super().__init__()
@@ -108,6 +110,53 @@ class DecoderBlockSpan(nn.Module):
             hidden = output[0] if isinstance(output, tuple) else output  # Falcon and Bloom layers return tuples
         return hidden
 
+    def step_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor, past: int) -> list[dict[str, Any]]:
+        """Like :meth:`layer_inputs`, for the ``t`` new positions ``hidden`` ``[B, t, H]`` of an inference step
+        after ``past`` cached ones; ``attention_mask`` ``[B, past + t]`` covers them all (padding anywhere)."""
+        raise NotImplementedError
+
+    def run_step(
+        self,
+        start: int,
+        end: int,
+        hidden: torch.Tensor,
+        cache: SessionCache,
+        step_mask: torch.Tensor,
+        deep_prompts: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """One inference step through blocks ``start..end-1``: the new positions ``hidden`` ``[B, t, H]`` attend
+        to themselves and to the positions ``cache`` holds, and are added to it.
+
+        ``deep_prompts`` (as in :meth:`run`) are added to the new positions that fall in the prompt prefix.
+        """
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"blocks {start}:{end} are outside this span {self.start}:{self.end}")
+        blocks = self.blocks[start - self.start : end - self.start]
+        past, length = cache.length, hidden.shape[1]
+        inputs = self.step_inputs(hidden, cache.begin_step(step_mask), past)[start - self.start : end - self.start]
+        pre_seq_len = 0 if deep_prompts is None else deep_prompts.shape[1] // len(blocks)
+        covered = max(0, min(pre_seq_len, past + length) - past)
+        with torch.no_grad():
+            for index, (block, kwargs) in enumerate(zip(blocks, inputs)):
+                if covered:
+                    rows = deep_prompts[:, index * pre_seq_len + past : index * pre_seq_len + past + covered]
+                    hidden = torch.cat([hidden[:, :covered] + rows.to(hidden.dtype), hidden[:, covered:]], dim=1)
+                output = block(hidden, **kwargs, **{self.cache_argument: cache})
+                hidden = output[0] if isinstance(output, tuple) else output
+        cache.commit_step()
+        return hidden
+
+    def inference_session(self, batch_size: int, max_length: int, pre_seq_len: int = 0) -> LocalBlocksSession:
+        """A session of at most ``max_length`` positions (the prompt prefix included) over the whole span."""
+        return LocalBlocksSession(self, batch_size, max_length, pre_seq_len)
+
+    def cache_bytes_per_position(self) -> int:
+        """Bytes a session's cache holds per row and position over the whole span (measured by one step)."""
+        cache = SessionCache(1, 1)
+        hidden = torch.zeros(1, 1, self.hidden_size, dtype=next(self.parameters()).dtype)
+        self.run_step(self.start, self.end, hidden, cache, torch.ones(1, 1, dtype=torch.long))
+        return cache.nbytes
+
 
 class RotaryBlockSpan(DecoderBlockSpan):
     """Blocks that take rotary position embeddings (``rotary_class``, as the family's model builds them) and
@@ -125,6 +174,15 @@ class RotaryBlockSpan(DecoderBlockSpan):
         position_ids = torch.arange(length, device=hidden.device).unsqueeze(0).expand(batch, -1)
         position_embeddings = self.rotary_emb(hidden, position_ids)
         masks = {window: attention_bias(attention_mask, hidden.dtype, window) for window in set(self.windows)}
+        shared = {"position_ids": position_ids, "position_embeddings": position_embeddings, **self.extra_inputs()}
+        return [{"attention_mask": masks[window], **shared} for window in self.windows]
+
+    def step_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor, past: int) -> list[dict[str, Any]]:
+        position_ids = token_positions(attention_mask)[:, past:]
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        masks = {
+            window: step_attention_bias(attention_mask, past, hidden.dtype, window) for window in set(self.windows)
+        }
         shared = {"position_ids": position_ids, "position_embeddings": position_embeddings, **self.extra_inputs()}
         return [{"attention_mask": masks[window], **shared} for window in self.windows]
 
@@ -161,5 +219,30 @@ def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype, window: Opt
     if window is not None:
         causal = causal.triu(-(window - 1))
     allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` position of each token among its row's tokens (padding anywhere takes no position)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def step_attention_bias(
+    attention_mask: torch.Tensor, past: int, dtype: torch.dtype, window: Optional[int] = None
+) -> torch.Tensor:
+    """Additive mask ``[B, 1, t, past + t]`` of an inference step's ``t`` new positions over all positions.
+
+    A position sees the tokens up to itself; with ``window``, only those fewer than ``window`` positions back
+    (counted in token positions, so left padding in the cache does not narrow the window).
+    """
+    total = attention_mask.shape[1]
+    queries = torch.arange(past, total, device=attention_mask.device)
+    keys = torch.arange(total, device=attention_mask.device)
+    allowed = (keys[None, :] <= queries[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
+    if window is not None:
+        positions = token_positions(attention_mask)
+        distance = positions[:, past:, None] - positions[:, None, :]
+        allowed = allowed & (distance < window)[:, None]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)

@@ -32,6 +32,7 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput, Seque
 from ptune_search.models.checkpoint import read_tensors
 from ptune_search.models.decoder_span import DecoderBlockSpan
 from ptune_search.models.fingerprint import model_fingerprint
+from ptune_search.models.generation import CausalLMSession, generate
 from ptune_search.models.padding import RightPadding, last_token_index
 from ptune_search.models.ptune import PTuneMixin, validate_ptune_settings
 from ptune_search.swarm.client.client_config import ClientConfig
@@ -236,6 +237,16 @@ class DistributedForCausalLM(DistributedHeadModel):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
+
+    def inference_session(self, max_length: int, batch_size: int = 1) -> CausalLMSession:
+        """A context manager for step-by-step generation of at most ``max_length`` tokens per row (input
+        included); the prompt prefix is reserved on top. See :mod:`ptune_search.models.generation`."""
+        return CausalLMSession(self, batch_size, max_length)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **options: Any):
+        """Hugging Face's ``generate`` conventions over this model's blocks, local or remote (options:
+        :func:`ptune_search.models.generation.generate`)."""
+        return generate(self, input_ids, attention_mask, **options)
 
 
 class DistributedForSequenceClassification(DistributedHeadModel):

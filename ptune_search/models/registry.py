@@ -110,3 +110,18 @@ class AutoDistributedModelForSequenceClassification:
     def from_pretrained(path: str | Path, config: Optional[Any] = None, **kwargs: Any):
         model_type = config.model_type if config is not None else checkpoint_model_type(path)
         return family_of(model_type, str(path)).classifier_class.from_pretrained(path, config, **kwargs)
+
+
+class AutoDistributedModelForCausalLM:
+    """Picks the family's ``Distributed<Family>ForCausalLM`` from the checkpoint's model type.
+
+    Example::
+
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=initial_peers)
+        ids = model.generate(input_ids, max_new_tokens=16)
+    """
+
+    @staticmethod
+    def from_pretrained(path: str | Path, config: Optional[Any] = None, **kwargs: Any):
+        model_type = config.model_type if config is not None else checkpoint_model_type(path)
+        return family_of(model_type, str(path)).causal_lm_class.from_pretrained(path, config, **kwargs)

@@ -210,6 +210,9 @@ class RequestLimits:
     max_pre_seq_len: int = setting(1024, help="longest prompt prefix accepted")
     max_queue: int = setting(1024, help="requests of all clients waiting together; beyond it they are refused as busy")
     receive_timeout: float = setting(60.0, help="seconds a streamed request may take to arrive whole")
+    session_timeout: float = setting(
+        300.0, help="seconds an inference session may wait for its next step (a client may ask less)"
+    )
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -312,4 +315,10 @@ class BlockService(ServicerBase):
     async def rpc_backward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """An inference session: one stream each way for its whole life (see server/inference.py)."""
         raise NotImplementedError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -119,6 +120,24 @@ def test_fair_queue_merges_waiting_work_of_other_clients_within_its_limits_and_i
     assert batches == [["a0", "c0"], ["b0"], ["d0", "a1"]]
     assert queue.stats["merged_batches"] == 2 and queue.stats["merged_requests"] == 4
     assert queue.stats["largest_merge"] == 2
+
+
+def test_fair_queue_holds_no_merge_for_a_client_whose_work_never_merges():
+    queue = FairQueue(merge_limits=MergeLimits(max_wait=2.0))
+    queue.start()
+    batches: list[list[str]] = []
+
+    async def scenario() -> float:
+        await queue.run("generating", lambda: None)  # an inference session's step: never merged
+        started = time.monotonic()
+        await queue.run_mergeable("training", mergeable("fwd", 1, 4, "t0", batches))
+        return time.monotonic() - started
+
+    try:
+        waited = asyncio.run(scenario())
+    finally:
+        queue.close()
+    assert waited < 1.0 and batches == [["t0"]]
 
 
 def test_fair_queue_never_merges_with_max_tokens_zero():

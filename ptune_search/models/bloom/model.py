@@ -14,7 +14,7 @@ from torch import nn
 from transformers import BloomConfig
 from transformers.models.bloom.modeling_bloom import BloomBlock, build_alibi_tensor
 
-from ptune_search.models.decoder_span import DecoderBlockSpan, attention_bias
+from ptune_search.models.decoder_span import DecoderBlockSpan, attention_bias, step_attention_bias
 from ptune_search.models.distributed import (
     DistributedForCausalLM,
     DistributedForSequenceClassification,
@@ -32,10 +32,16 @@ class DistributedBloomConfig(BloomConfig, ClientConfig, PTuneConfig):
 class BloomBlockSpan(DecoderBlockSpan):
     layer_class = BloomBlock
     checkpoint_prefix = "transformer.h"
+    cache_argument = "layer_past"
 
     def layer_inputs(self, hidden, attention_mask) -> list[dict[str, Any]]:
         alibi = build_alibi_tensor(attention_mask, self.config.n_head, hidden.dtype)
         inputs = {"alibi": alibi, "attention_mask": attention_bias(attention_mask, hidden.dtype)}
+        return [inputs] * len(self.blocks)
+
+    def step_inputs(self, hidden, attention_mask, past) -> list[dict[str, Any]]:
+        alibi = build_alibi_tensor(attention_mask, self.config.n_head, hidden.dtype)  # biases of all keys
+        inputs = {"alibi": alibi, "attention_mask": step_attention_bias(attention_mask, past, hidden.dtype)}
         return [inputs] * len(self.blocks)
 
 

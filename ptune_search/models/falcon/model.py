@@ -31,6 +31,7 @@ class DistributedFalconConfig(FalconConfig, ClientConfig, PTuneConfig):
 class FalconBlockSpan(RotaryBlockSpan):
     layer_class, rotary_class = FalconDecoderLayer, FalconRotaryEmbedding
     checkpoint_prefix = "transformer.h"
+    cache_argument = "layer_past"
 
     def __init__(self, config: FalconConfig, start: int, end: int, blocks: list[nn.Module]):
         check_rotary(config)

@@ -79,9 +79,9 @@ class ChainPasses:
                 (output,), _ = await self._call("forward", span, tensors, prompts, request_id, keep=keep)
             except Exception as e:
                 if _busy(e):  # another replica, or this one later
-                    await self._on_busy("forward", span, e)
+                    await self.on_busy("forward", span, e)
                 else:
-                    failures = await self._on_failure("forward", span, failures, e)
+                    failures = await self.on_failure("forward", span, failures, e)
                 continue
             self._busy_since = None
             self.router.on_success(span.peer_id)
@@ -109,10 +109,10 @@ class ChainPasses:
                 grads, metadata = await self._call("backward", span, tensors, prompts, hop.request_id)
             except Exception as e:
                 if _busy(e):  # the server keeps the graph: the same hop, later
-                    await self._on_busy("backward", span, e)
+                    await self.on_busy("backward", span, e)
                     hops.append(hop)
                     continue
-                failures = await self._on_failure("backward", span, failures, e)
+                failures = await self.on_failure("backward", span, failures, e)
                 self.stats["rerouted_backward_hops"] += 1
                 _, new_hops = await self.forward(hop.inputs, attention_mask, prompts, span.start, span.end, keep=True)
                 hops.extend(new_hops)
@@ -169,7 +169,7 @@ class ChainPasses:
         outputs[0] = outputs[0].to(dtype)
         return outputs, response
 
-    async def _on_busy(self, method: str, span: RemoteSpan, error: RequestRefused) -> None:
+    async def on_busy(self, method: str, span: RemoteSpan, error: RequestRefused) -> None:
         """Back off (with jitter, so that refused clients do not come back together) before the next try; a
         busy server is not failing, so it is not banned and the retries are not spent, up to ``busy_timeout``."""
         self.stats["busy_refusals"] += 1
@@ -185,7 +185,7 @@ class ChainPasses:
         delay = min(self.settings.backoff_base * 2 ** min(self._busy_streak - 1, 8), self.settings.backoff_max)
         await asyncio.sleep(delay * random.uniform(0.5, 1.5))
 
-    async def _on_failure(self, method: str, span: RemoteSpan, failures: int, error: Exception) -> int:
+    async def on_failure(self, method: str, span: RemoteSpan, failures: int, error: Exception) -> int:
         """Ban the server (drop it from routing if it cannot be dialled), raise if the retries are spent or the
         request itself is bad, else back off (and re-read the DHT if every server of the block is banned)."""
         if isinstance(error, RequestRefused) and error.kind == ErrorKind.BAD_REQUEST:

@@ -27,5 +27,6 @@ class ClientConfig:
     backoff_max: float = 8.0  # ... up to this
     busy_timeout: float = 600.0  # servers may refuse a hop as busy this long (retries elsewhere or later)
     stream_threshold: int = 1024 * 1024  # payloads above this many bytes are streamed
+    session_timeout: float = 300.0  # servers free an inference session's caches after this long without a step
     trusted_servers: Optional[list[str]] = None  # peer ids of the only servers to use; None: any signed server
     wire_dtype: Optional[str] = None  # "float16"/"bfloat16": hidden states travel in 16 bits (wire.HALF_WIRE_DTYPES)

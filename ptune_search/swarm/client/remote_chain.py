@@ -28,6 +28,7 @@ from torch import nn
 from ptune_search.swarm.client.chain_passes import ChainPasses, Hop
 from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.client.connection import SwarmConnection
+from ptune_search.swarm.client.inference_session import RemoteInferenceSession
 from ptune_search.swarm.client.routing import BlockRouter
 from ptune_search.swarm.protocol import ServedModel, model_prefix
 from ptune_search.swarm.wire import HALF_WIRE_DTYPES
@@ -86,6 +87,11 @@ class RemoteBlockChain(nn.Module):
         )
         self._remember(hops)
         return output
+
+    def inference_session(self, batch_size: int, max_length: int, pre_seq_len: int = 0) -> RemoteInferenceSession:
+        """A session of at most ``max_length`` positions on servers that keep its caches; ``pre_seq_len``:
+        the length of the deep prompts' prefix (0 without deep prompts)."""
+        return RemoteInferenceSession(self.connection, self.router, self.passes, batch_size, max_length, pre_seq_len)
 
     def close(self) -> None:
         self.connection.close()

@@ -89,11 +89,7 @@ def parse_span_request(
         model = ServedModel.from_dict(fields["model"]) if "model" in fields else None
     except ValueError as e:
         raise bad_request(f"bad metadata: {e}") from None
-    if model is not None and served.model is not None and model != served.model:
-        raise bad_request(
-            f"this server serves {served.model}, but the request is for {model}: the client loaded another "
-            "checkpoint than the servers of its DHT prefix"
-        )
+    _check_model(model, served)
     if not 0 < len(request_id) <= MAX_REQUEST_ID:
         raise bad_request(f"request_id must have 1..{MAX_REQUEST_ID} characters")
     if pre_seq_len < 0:
@@ -135,6 +131,96 @@ def parse_span_request(
     hidden = hidden.to(served.dtype)
     grad_outputs = None if grad_outputs is None else grad_outputs.to(served.dtype)
     return SpanRequest(start, end, hidden, mask, prompts, grad_outputs, request_id, keep, wire_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionRequest:
+    """An inference session's opening: its blocks, rows, positions (prefix included) and idle timeout."""
+
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    pre_seq_len: int
+    timeout: float
+
+
+@dataclasses.dataclass
+class SessionStep:
+    hidden: torch.Tensor  # [B, t, H] in the server's dtype
+    step_mask: torch.Tensor  # [B, t]
+    prompts: Optional[torch.Tensor]  # [B or 1, P * n, H] while the step's positions reach into the prefix
+    wire_dtype: torch.dtype
+
+
+def parse_session_open(uid: str, metadata: bytes, served: ServedSpan) -> SessionRequest:
+    """Check an inference session's first message: ``{"open": {"batch_size", "max_length", "pre_seq_len",
+    "timeout"}}``; its cache (``batch_size x max_length`` positions) must fit the token limit of a request."""
+    start, end = _check_blocks(uid, served)
+    try:
+        fields = unpack_metadata(metadata)
+        opening = metadata_field(fields, "open", dict)
+        batch_size = metadata_field(opening, "batch_size", int)
+        max_length = metadata_field(opening, "max_length", int)
+        pre_seq_len = metadata_field(opening, "pre_seq_len", int, 0)
+        timeout = metadata_field(opening, "timeout", float, served.limits.session_timeout)
+        model = ServedModel.from_dict(fields["model"]) if "model" in fields else None
+    except ValueError as e:
+        raise bad_request(f"bad session metadata: {e}") from None
+    _check_model(model, served)
+    if batch_size < 1 or max_length < 1 or batch_size * max_length > served.limits.max_tokens:
+        raise bad_request(
+            f"a session's batch_size x max_length must be 1..{served.limits.max_tokens} (the server's token "
+            f"limit), got {batch_size} x {max_length}"
+        )
+    if not 0 <= pre_seq_len < max_length or pre_seq_len > served.limits.max_pre_seq_len:
+        raise bad_request(
+            f"pre_seq_len {pre_seq_len} must be below max_length {max_length} "
+            f"and at most the server's limit {served.limits.max_pre_seq_len}"
+        )
+    if not timeout > 0:
+        raise bad_request(f"a session's timeout must be > 0 seconds (got {timeout})")
+    return SessionRequest(start, end, batch_size, max_length, pre_seq_len, min(timeout, served.limits.session_timeout))
+
+
+def parse_session_step(
+    tensors: Sequence[torch.Tensor], session: SessionRequest, position: int, served: ServedSpan
+) -> SessionStep:
+    """Check a step ``[hidden [B, t, H], step_mask [B, t], (deep prompts)]`` at ``position`` of ``session``:
+    deep prompts come exactly with the steps whose positions reach into the prefix."""
+    wants_prompts = session.pre_seq_len > 0 and position < session.pre_seq_len
+    if len(tensors) != 2 + wants_prompts:
+        raise bad_request(
+            f"a step at position {position} carries [hidden, step_mask]"
+            + (" and the deep prompts of the prefix" if wants_prompts else "")
+            + f" (got {len(tensors)} tensors)"
+        )
+    hidden, mask = tensors[0], tensors[1]
+    _check_hidden("hidden states", hidden, served)
+    batch, length, _ = hidden.shape
+    if batch != session.batch_size:
+        raise bad_request(f"the session was opened for batch size {session.batch_size}, the step has {batch}")
+    if position + length > session.max_length:
+        raise bad_request(
+            f"the step's {length} positions after {position} exceed the session's max_length {session.max_length}"
+        )
+    _check_mask(mask, batch, length)
+    prompts = tensors[2] if wants_prompts else None
+    if prompts is not None:
+        num_blocks = session.end - session.start
+        _check_prompts(prompts, session.pre_seq_len, batch, session.max_length, num_blocks, served)
+    for name, tensor in (("hidden states", hidden), ("deep prompts", prompts)):
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            raise bad_request(f"{name} contain NaN or infinite values")
+    return SessionStep(hidden.to(served.dtype), mask, prompts, hidden.dtype)
+
+
+def _check_model(model: Optional[ServedModel], served: ServedSpan) -> None:
+    if model is not None and served.model is not None and model != served.model:
+        raise bad_request(
+            f"this server serves {served.model}, but the request is for {model}: the client loaded another "
+            "checkpoint than the servers of its DHT prefix"
+        )
 
 
 def _check_blocks(uid: str, served: ServedSpan) -> tuple[int, int]:

@@ -48,7 +48,7 @@ class MergeLimits:
     ``max_bytes`` of the requests' tensors together; and how long it may wait for more.
 
     Without waiting, two clients never merge: each one's request arrives while the other's computes, and is
-    alone in the queue when the worker turns to it. A short wait for a client that sent work within the
+    alone in the queue when the worker turns to it. A short wait for a client that sent mergeable work within the
     last ``FairQueue.ACTIVE_SECONDS`` lets their passes meet once; then they come back together, as one
     batch's replies go out at once."""
 
@@ -157,7 +157,8 @@ class FairQueue:
                 raise QueueFull(f"the server's queue is full ({self._pending} requests waiting)")
             self._queues.setdefault(client, collections.deque()).append(_Task(fn, loop, future, work))
             self._pending += 1
-            self._note_submit(client)
+            if work is not None:  # only clients that send mergeable work are worth waiting for
+                self._note_submit(client)
             self._condition.notify()
         return await future
 
@@ -176,7 +177,7 @@ class FairQueue:
 
     def _merge_with(self, client: Hashable, first: _Task) -> list[_Task]:
         """``first`` and the first task of each other client in turn that merges with it; waits up to
-        ``max_wait`` for clients that sent work within ``ACTIVE_SECONDS`` and have none waiting yet."""
+        ``max_wait`` for clients that sent mergeable work within ``ACTIVE_SECONDS`` and have none waiting yet."""
         limits, key = self.merge_limits, first.mergeable.key
         tasks, seen = [first], {client}
         rows, length, nbytes = first.mergeable.rows, first.mergeable.length, first.mergeable.nbytes

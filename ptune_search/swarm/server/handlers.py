@@ -38,6 +38,7 @@ from ptune_search.swarm.server.checks import (
     parse_span_request,
 )
 from ptune_search.swarm.server.fair_queue import FairQueue, Mergeable, QueueFull
+from ptune_search.swarm.server.inference import InferenceSessions
 from ptune_search.swarm.server.merged_pass import MemberForward, MergedForward, SpanFn
 from ptune_search.swarm.wire import (
     PayloadTooLarge,
@@ -72,6 +73,7 @@ class BlockRPCHandlers:
     ):
         self.span, self.served, self.queue, self.cache, self.info = span, served, queue, cache, info
         self.budget = budget
+        self.sessions = InferenceSessions(span, served, queue, budget)
         tensors = list(span.parameters()) + list(span.buffers())
         self._weights = frozenset(t.untyped_storage().data_ptr() for t in tensors)
         self.receiving_streams = 0
@@ -91,6 +93,7 @@ class BlockRPCHandlers:
             cache=cache,
             inflight=self.budget.stats(),
             receiving_streams=self.receiving_streams,
+            sessions=self.sessions.stats(),
         )
         return runtime_pb2.ExpertResponse(metadata=pack_metadata(info))
 
@@ -111,6 +114,13 @@ class BlockRPCHandlers:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async for response in self._stream("backward", requests, context):
             yield response
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async with contextlib.aclosing(self.sessions.serve(requests, context)) as responses:  # frees on disconnect
+            async for response in responses:
+                yield response
 
     async def _unary(
         self, kind: str, request: runtime_pb2.ExpertRequest, context: P2PContext
