@@ -111,3 +111,18 @@ def test_the_checker_sees_a_circle_and_a_lazy_import(tmp_path: Path) -> None:
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     lazy = PACKAGE / "models" / "llama" / "model.py"
     assert any(name.startswith("ptune_search.swarm.client") for name in import_graph()[module_name(lazy)])
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_runs_over_sixty_lines() -> None:
+    """A reader follows a function on one screen; a longer one holds parts that deserve names."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

@@ -189,9 +189,9 @@ def write_export(
     client: MlflowClient, run: "Run", folder: Path, metric: MetricValue, tracking_uri: str
 ) -> PromptManifest:
     """Download the run's tensors into ``folder`` and write the manifest that describes them."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    from ptune_search.data import TEXT_SLOT, TaskSpec, load_examples, prepare_tokenizer
+    from ptune_search.data import TEXT_SLOT, TaskSpec, load_examples
     from ptune_search.models.fingerprint import model_fingerprint
     from ptune_search.pretrained import resolve_model
 
@@ -215,8 +215,6 @@ def write_export(
         template = TEXT_SLOT
     model_path = resolve_model(model)
     config = AutoConfig.from_pretrained(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prepare_tokenizer(tokenizer)  # what trials do before tokenizing
     skip_invalid_rows = bool(search_config.get("task", {}).get("skip_invalid_rows", False))
     spec = TaskSpec(task["name"], task["text_column"], task["label_column"], skip_invalid_rows)
     label_names = load_examples(spec).label_names
@@ -230,34 +228,50 @@ def write_export(
         tuning_mode=ptune["tuning_mode"],
         pre_seq_len=int(ptune["pre_seq_len"]) if ptune["tuning_mode"] else 0,
         label_names=[str(name) for name in label_names],
-        tokenizer=TokenizerSettings(
-            max_length=max_length,
-            padding_side=tokenizer.padding_side,
-            truncation_side=tokenizer.truncation_side,
-            pad_token=tokenizer.pad_token,
-            pad_token_id=tokenizer.pad_token_id,
-            template=template,
-        ),
+        tokenizer=_tokenizer_settings(model_path, max_length, template),
         metric=_final_metric(client, run_id, metric),
         source_run_id=run_id,
         parent_run_id=parent_id,
         files={name: file_sha256(folder / name) for name in (PROMPT_FILE, HEAD_FILE)},
-        source={
-            "experiment_id": run.info.experiment_id,
-            "tracking_uri": tracking_uri,
-            "run_name": run.info.run_name,
-            "run_status": run.info.status,
-            "trial_id": run.data.tags.get(TRIAL_TAG),
-            "lr": _float_or_none(run.data.params.get("lr")),
-            "prompt_init": run.data.params.get("prompt_init"),
-            "test_accuracy": run.data.metrics.get("test_accuracy"),  # the held-out split, measured after the search
-            "task": task,
-            "seed": search_config.get("seed"),
-            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        },
+        source=_source(run, tracking_uri, task, search_config),
     )
     write_manifest(folder, manifest)
     return manifest
+
+
+def _tokenizer_settings(model_path: Path, max_length: int, template: str) -> TokenizerSettings:
+    """How the trials tokenized: what predict must do again."""
+    from transformers import AutoTokenizer
+
+    from ptune_search.data import prepare_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prepare_tokenizer(tokenizer)  # what trials do before tokenizing
+    return TokenizerSettings(
+        max_length=max_length,
+        padding_side=tokenizer.padding_side,
+        truncation_side=tokenizer.truncation_side,
+        pad_token=tokenizer.pad_token,
+        pad_token_id=tokenizer.pad_token_id,
+        template=template,
+    )
+
+
+def _source(run: "Run", tracking_uri: str, task: dict[str, Any], search_config: dict[str, Any]) -> dict[str, Any]:
+    """Where the prompt came from: its run, trial and search."""
+    return {
+        "experiment_id": run.info.experiment_id,
+        "tracking_uri": tracking_uri,
+        "run_name": run.info.run_name,
+        "run_status": run.info.status,
+        "trial_id": run.data.tags.get(TRIAL_TAG),
+        "lr": _float_or_none(run.data.params.get("lr")),
+        "prompt_init": run.data.params.get("prompt_init"),
+        "test_accuracy": run.data.metrics.get("test_accuracy"),  # the held-out split, measured after the search
+        "task": task,
+        "seed": search_config.get("seed"),
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _download(client: MlflowClient, run_id: str, name: str, folder: Path) -> Path:

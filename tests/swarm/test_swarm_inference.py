@@ -13,6 +13,7 @@ from ptune_search.models.llama.model import DistributedLlamaForCausalLM
 from ptune_search.swarm.client.chain_passes import SwarmRequestError
 from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.protocol import ErrorKind, RequestRefused
+from ptune_search.swarm.server.settings import ServerSettings
 
 PAD = 256
 
@@ -118,7 +119,7 @@ def test_a_session_expires_after_its_timeout_without_steps(swarm2, causal_lm):
 
 def test_a_full_server_refuses_a_session_as_busy(start_swarm, causal_lm):
     # 6 blocks x (keys + values) x 2 heads x 16 dims x 4 bytes = 1536 bytes a position: 300 positions ~ 450 KiB
-    swarm = start_swarm(1, server_args=["--max-inflight-bytes", str(700 * 1024)])
+    swarm = start_swarm(1, settings=ServerSettings(inflight_bytes=700 * 1024))
     model = causal_lm(swarm, busy_timeout=1.0, backoff_base=0.1)
     prompt = batch()[0][:1]
     with model.inference_session(max_length=300) as first:
