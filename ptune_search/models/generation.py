@@ -11,10 +11,14 @@ followed by the new tokens, finished rows padded with ``pad_token_id``.
 
 Example::
 
+    from ptune_search.models.llama.model import DistributedLlamaForCausalLM
+
     model = DistributedLlamaForCausalLM.from_pretrained(path, local_blocks=True)
+    input_ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])  # left padding
     ids = model.generate(input_ids, attention_mask=mask, max_new_tokens=16)  # greedy, [B, T + 16] at most
     with model.inference_session(max_length=32) as session:  # step by step, batch 1
-        logits = session.step(input_ids[:1])  # [1, T, vocab]
+        logits = session.step(input_ids[1:])  # [1, T, vocab]
 """
 
 from __future__ import annotations

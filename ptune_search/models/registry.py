@@ -117,8 +117,10 @@ class AutoDistributedModelForCausalLM:
 
     Example::
 
+        import torch
+
         model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=initial_peers)
-        ids = model.generate(input_ids, max_new_tokens=16)
+        ids = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=16)
     """
 
     @staticmethod

@@ -13,7 +13,13 @@ with the new positions' keys and values and get those of all positions back.
 
 Example::
 
+    from transformers import AutoConfig
+
+    from ptune_search.models.llama.model import LlamaBlockSpan
+
+    config = AutoConfig.from_pretrained(path)
     span = LlamaBlockSpan.from_checkpoint(path, config, 0, config.num_hidden_layers)
+    hidden = torch.randn(1, 6, config.hidden_size)
     with LocalBlocksSession(span, batch_size=1, max_length=16) as session:
         out = session.step(hidden[:, :5], torch.ones(1, 5, dtype=torch.long))  # positions 0..4
         out = session.step(hidden[:, 5:6], torch.ones(1, 1, dtype=torch.long))  # position 5, from the cache

@@ -86,9 +86,11 @@ def test_trials_ride_out_a_dead_replica_and_resume_after_a_dead_span_is_replaced
     swarm.start_server(2, 4)
 
     assert search.wait(timeout=600) == 0, search.log()[-5000:]
-    log = search.log()
-    # The clients met the dead replica (a warning their actors printed to the driver) and went on without it.
-    assert re.search(rf"(forward|backward) via 0:2@{replica.peer_id[-6:]} failed", log), log[-5000:]
+    # The clients met the dead replica (a warning in their actors' logs, whose folder the search prints) and went
+    # on without it.
+    actor_logs = Path(re.search(r"Logs of the trial processes: (\S+)", search.log()).group(1))
+    logged = "".join(path.read_text(errors="replace") for path in actor_logs.glob("worker-*"))
+    assert re.search(rf"(forward|backward) via 0:2@{replica.peer_id[-6:]} failed", logged), logged[-5000:]
     errors = tune_errors(output)
     assert errors, "no trial failed"
     cause = re.compile(rf"(MissingBlockError|SwarmRequestError): .*block {re.escape(swarm.prefix)}\.2\b")
@@ -104,7 +106,7 @@ def test_trials_ride_out_a_dead_replica_and_resume_after_a_dead_span_is_replaced
         assert metric_steps(output, run, "train_loss") == list(range(1, MAX_STEPS + 1))
     assert set(study_states(output).values()) == {"COMPLETE"}
     # Tune restored the failed trials from their checkpoints, never from scratch.
-    resumed_steps = [int(step) for step in re.findall(r"resumed trial at step (\d+)", log)]
+    resumed_steps = [int(step) for step in re.findall(r"resumed trial at step (\d+)", logged)]
     assert len(resumed_steps) == sum(len(failures) for failures in errors.values())
     assert min(resumed_steps) >= EVAL_EVERY
     assert all(any(trial_id in folder for trial_id in runs) for folder in errors), "errors of unknown trials"

@@ -13,7 +13,11 @@ change (up to float rounding of a longer step).
 
 Example::
 
-    chain = RemoteBlockChain.connect(config)
+    from ptune_search.models.llama.model import DistributedLlamaForCausalLM
+
+    model = DistributedLlamaForCausalLM.from_pretrained(path, initial_peers=initial_peers)
+    chain = model.model.layers  # the RemoteBlockChain: the blocks on the swarm
+    hidden = torch.randn(1, 6, model.config.hidden_size)
     session = chain.inference_session(batch_size=1, max_length=32)
     out = session.step(hidden[:, :5], torch.ones(1, 5, dtype=torch.long))  # the first 5 positions
     out = session.step(hidden[:, 5:6], torch.ones(1, 1, dtype=torch.long))  # one more
