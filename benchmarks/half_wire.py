@@ -28,10 +28,10 @@ from transformers import AutoTokenizer
 from ptune_search.data import TaskSpec, load_task
 from ptune_search.models.ptune import PTuneConfig
 from ptune_search.pretrained import resolve_model
-from ptune_search.search.training import evaluate, train_step, trainable_parameters
 from ptune_search.search.trial import build_classifier
 from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.launcher import LocalSwarm
+from ptune_search.training.steps import evaluate, train_step, trainable_parameters
 
 WIRE_DTYPES = (None, "float16", "bfloat16")
 

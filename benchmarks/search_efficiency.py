@@ -43,11 +43,11 @@ from ptune_search.config import parse_config
 from ptune_search.data import TaskSpec, load_task
 from ptune_search.pretrained import resolve_model
 from ptune_search.search.driver import run_search
-from ptune_search.search.training import evaluate, train_step, trainable_parameters
 from ptune_search.search.trial import build_classifier, ptune_config_of
 from ptune_search.swarm.launcher import LocalSwarm
 from ptune_search.swarm.server.fair_queue import MergeLimits
 from ptune_search.swarm.server.settings import ServerSettings
+from ptune_search.training.steps import evaluate, train_step, trainable_parameters
 
 MODES = ("ptune", "deep_ptune")
 

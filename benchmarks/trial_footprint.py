@@ -25,10 +25,10 @@ import torch
 
 from ptune_search.models.ptune import PTuneConfig
 from ptune_search.pretrained import resolve_model
-from ptune_search.search.training import train_step, trainable_parameters
 from ptune_search.search.trial import build_classifier
 from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.launcher import LocalSwarm
+from ptune_search.training.steps import train_step, trainable_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 

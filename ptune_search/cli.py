@@ -14,7 +14,7 @@ from ptune_search.pretrained import PACKAGED_MODELS
 from ptune_search.search.disk_space import OutputDiskFull
 from ptune_search.search.report import SearchFailed
 
-# The demo's flags: fields of search.demo.DemoSettings, whose defaults apply to those not given.
+# The demo's flags: fields of training.demo.DemoSettings, whose defaults apply to those not given.
 DEMO_OPTIONS = ("model", "tuning_mode", "pre_seq_len", "steps", "lr")
 
 
@@ -25,7 +25,7 @@ def _prepare_model(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from ptune_search.search.demo import DemoSettings, run_demo
+    from ptune_search.training.demo import DemoSettings, run_demo
 
     given = {name: getattr(args, name) for name in DEMO_OPTIONS if getattr(args, name) is not None}
     settings = DemoSettings(**given)  # options not given keep DemoSettings' defaults, declared there only

@@ -80,6 +80,10 @@ FORBIDDEN = [
     ("ptune_search.prompts", "ptune_search.search"),  # shared MLflow tag names live in prompts.run_tags
     ("ptune_search.pretrained", "ptune_search.models"),  # checkpoints come from below the model classes
     ("ptune_search.config", "ptune_search.swarm.launcher"),  # the layout rule lives in swarm.replica_layout
+    ("ptune_search.training", "ptune_search.search"),  # one process's training: no Ray, Optuna or MLflow
+    ("ptune_search.training", "ray"),
+    ("ptune_search.training", "optuna"),
+    ("ptune_search.training", "mlflow"),
 ]
 FAMILIES = sorted(path.parent.name for path in (PACKAGE / "models").glob("*/__init__.py"))
 for family in FAMILIES:  # a server and the prompt format reach families only through the registry

@@ -20,8 +20,8 @@ from ptune_search.models.registry import AutoDistributedModelForSequenceClassifi
 from ptune_search.prompts.export import EXPORTED_TO_TAG, ExportResult, export_prompt
 from ptune_search.prompts.predict import PromptClassifier, format_prediction
 from ptune_search.search.tracking.records import ROLE_TAG
-from ptune_search.search.training import evaluate
 from ptune_search.tiny_llama import make_tiny_llama
+from ptune_search.training.steps import evaluate
 from tests.export.fake_stores import stalled_and_broken_store
 from tests.export.trial_replay import replay_final_evaluation, search_task
 from tests.models.tiny_families import make_tiny_checkpoint

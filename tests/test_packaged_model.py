@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ptune_search.data import TaskSpec, load_task
 from ptune_search.models import DistributedLlamaForSequenceClassification
 from ptune_search.pretrained import prepare_model
-from ptune_search.search.training import train_step, trainable_parameters
+from ptune_search.training.steps import train_step, trainable_parameters
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ptune_search.data import Batch, TokenizedSplit
-from ptune_search.search.training import Evaluation, StepResult
+from ptune_search.training.steps import Evaluation, StepResult
 
 FINE_TUNE_LR_SCALE = 0.2  # LP-FT: a fitted head goes on training with the prompts at a fifth of its sweep's rate
 

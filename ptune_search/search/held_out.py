@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ptune_search.models.prompt_folder import HEAD_FILE, PROMPT_FILE
-from ptune_search.search.training import evaluate
 from ptune_search.search.trial import TrialSettings, build_classifier, ptune_config_of
+from ptune_search.training.steps import evaluate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,8 +41,8 @@ from ptune_search.models.prompt_init import apply_prompt_init, initial_prompt_to
 from ptune_search.models.ptune import PTuneConfig
 from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 from ptune_search.search.head_sweep import HeadSweep
-from ptune_search.search.training import Evaluation, evaluate, train_step, trainable_parameters
 from ptune_search.swarm.client.client_config import ClientConfig
+from ptune_search.training.steps import Evaluation, evaluate, train_step, trainable_parameters
 
 OPTIMIZER_FILE = "optimizer.pt"
 CURRENT_FILE = "trial_current.safetensors"  # the trained tensors as they are now (the export files hold the best)

@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 
 from ptune_search.data import TaskData, TaskSpec, load_task
 from ptune_search.pretrained import resolve_model
-from ptune_search.search.training import Evaluation, evaluate
 from ptune_search.search.trial import build_classifier, ptune_config_of
+from ptune_search.training.steps import Evaluation, evaluate
 
 
 def search_task(client: MlflowClient, parent_run_id: str, scratch: Path) -> tuple[Path, TaskData, dict]:

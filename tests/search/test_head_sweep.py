@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from ptune_search.data import TaskSpec, load_task
 from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 from ptune_search.search.head_sweep import HeadSweep, candidate_lrs
-from ptune_search.search.training import evaluate
+from ptune_search.training.steps import evaluate
 
 LRS = candidate_lrs(5e-3, 5e-2, 4)
 

@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 from ptune_search.data import TaskSpec, load_task
 from ptune_search.models.label_words import label_word_tokens, label_words
 from ptune_search.models.prompt_folder import HEAD_FILE, PROMPT_FILE
-from ptune_search.search.training import evaluate
 from ptune_search.search.trial import PromptTuningTrial, TrialSettings, build_classifier, ptune_config_of
+from ptune_search.training.steps import evaluate
 
 STEPS, EVAL_EVERY = 8, 1
 # A rate high enough that the tiny model's validation accuracy goes up and down from one step to the next.

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from ptune_search.data import TaskSpec, load_task
 from ptune_search.models.registry import AutoDistributedModelForSequenceClassification
 from ptune_search.pretrained import resolve_model
-from ptune_search.search.training import evaluate, train_step, trainable_parameters
+from ptune_search.training.steps import evaluate, train_step, trainable_parameters
 
 logger = logging.getLogger(__name__)
 
