@@ -70,25 +70,33 @@ class _Problem(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    # A docstring under a field is its description: docs/search.md's config reference is generated from them.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 class TaskConfig(_Section):
     """Which classification task to tune on, and how much of it."""
 
     name: Name = "bbc_news"
+    """A packaged task (bbc_news, clothing_reviews) or the path of a .csv or .jsonl file."""
     text_column: Name = "text"
+    """The column holding the input text."""
     label_column: Name = "label"
+    """The column holding the class name."""
     max_length: Annotated[StrictInt, Field(ge=8)] = 64
-    train_size: Optional[PositiveInt] = None  # None: every example not used for validation
-    validation_size: Optional[PositiveInt] = None  # None: 20% of the examples
-    # Held out from training and selection; the best prompt and the baseline are evaluated on it once, after
-    # the search. None: 20% of the examples; 0: no test split.
+    """Tokens of input text kept (the text is cut, never the template)."""
+    train_size: Optional[PositiveInt] = None
+    """Training examples (null: every example not used for validation or test)."""
+    validation_size: Optional[PositiveInt] = None
+    """Validation examples, which choose the best trial (null: 20% of the examples)."""
     test_size: Optional[Annotated[StrictInt, Field(ge=0)]] = None
-    skip_invalid_rows: StrictBool = False  # drop rows with an empty text or label (with a warning), not refuse
-    # The word the model's LM head scores for each class when search_space.heads has label_words: class name ->
-    # word (its first token counts). Classes not named here use " <class name>".
+    """Held out from training and selection; the best prompt and the baseline are evaluated on it once, after
+    the search (null: 20% of the examples; 0: no test split)."""
+    skip_invalid_rows: StrictBool = False
+    """Drop rows with an empty text or label (with a warning) instead of refusing the file."""
     label_words: dict[Name, Name] = Field(default_factory=dict)
+    """The word the LM head scores for each class when search_space.heads has label_words: class name -> word
+    (its first token counts). Classes not named here use " <class name>"."""
 
     @field_validator("name")
     @classmethod
@@ -122,16 +130,22 @@ class SwarmConfig(_Section):
     Ray actors on the cluster nodes with the ``swarm_host`` resource (ray), or already running (external)."""
 
     mode: Literal["local", "ray", "external"] = "local"
-    servers: PositiveInt = 2  # local and ray only
-    replicas: PositiveInt = 1  # local and ray only
-    initial_peers: list[StrictStr] = Field(default_factory=list)  # external only
-    # A trial's client: how long one server may take to answer before the request goes to another replica,
-    # and how long a block may have no online server (one died, its replacement is starting) before the
-    # trial fails, to be retried from its checkpoint (budget.max_failures times).
+    """local: servers on the driver's machine; ray: servers as Ray actors on swarm_host nodes; external: join
+    a running swarm."""
+    servers: PositiveInt = 2
+    """Block servers to start (local and ray); each serves an equal span of the blocks."""
+    replicas: PositiveInt = 1
+    """Servers per span (local and ray); servers must be a multiple of it."""
+    initial_peers: list[StrictStr] = Field(default_factory=list)
+    """Multiaddrs of the swarm to join (external only)."""
     request_timeout: Annotated[float, Field(gt=0)] = ClientConfig.request_timeout
+    """Seconds a server may take to answer before the request goes to another replica and the server is
+    banned."""
     block_wait_timeout: Annotated[float, Field(gt=0)] = ClientConfig.block_wait_timeout
-    # External swarms only: peer ids of the only servers trials use (servers keep theirs with --identity-file).
+    """Seconds a block may have no online server before the trial fails, to be retried from its checkpoint
+    (budget.max_failures times)."""
     trusted_servers: Optional[list[StrictStr]] = ClientConfig.trusted_servers
+    """Peer ids of the only servers trials use (external only; servers keep theirs with --identity-file)."""
 
     @field_validator("trusted_servers")
     @classmethod
@@ -212,23 +226,25 @@ class SearchSpace(_Section):
     """What Optuna chooses for each trial."""
 
     tuning_modes: Annotated[list[TuningMode], Field(min_length=1)] = Field(default_factory=lambda: list(TUNING_MODES))
+    """ptune (prompts before the input embeddings) and/or deep_ptune (a prompt added to every block's input)."""
     pre_seq_len: IntRange = Field(default_factory=lambda: IntRange(low=4, high=32))
+    """Prompt length in tokens, sampled uniformly."""
     lr: LogRange = Field(default_factory=lambda: LogRange(low=1.0e-4, high=3.0e-2))
-    # The learning rates the head-only sweeps try (budget.baseline_lrs of them, log-spaced): the baseline's, and
-    # the one that fits the trials' starting head; a trial's head then trains at a fifth of the rate chosen.
+    """The prompts' learning rate, sampled on a log scale."""
     head_lr: LogRange = Field(default_factory=lambda: LogRange(low=5.0e-3, high=5.0e-2))
-    # Where prompts start (see ptune_search.models.prompt_init): random, vocab, labels or text:<words>;
-    # several values make it a searched choice.
+    """The learning rates the head-only sweeps try (budget.baseline_lrs of them, log-spaced): the baseline's,
+    and the one that fits the trials' starting head; a trial's head then trains at a fifth of the rate chosen."""
     prompt_init: Annotated[list[StrictStr], Field(min_length=1)] = Field(default_factory=lambda: ["labels"])
-    # The hand-written prompt around every input of every trial ({text} is the input; the text is cut, never the
-    # template). The head-only baseline reads the bare text: it is the search without any prompt.
+    """Where prompts start: random, vocab, labels or text:<words>; several values make it a searched choice."""
     template: StrictStr = "{text}"
-    # Where a trial's head starts (see ptune_search.search.trial_head): "linear", the best head of a head-only sweep
-    # on the trials' inputs; "label_words", the LM head's rows of the classes' label words (task.label_words).
-    # Several values make it a searched choice.
+    """The hand-written prompt around every trial's input ({text} is the input). The head-only baseline reads
+    the bare text: it is the search without any prompt."""
     heads: Annotated[list[Literal["linear", "label_words"]], Field(min_length=1)] = Field(
         default_factory=lambda: ["linear"]
     )
+    """Where a trial's head starts: linear, the best head of a head-only sweep on the trials' inputs;
+    label_words, the LM head's rows of the classes' label words (task.label_words). Several values make it a
+    searched choice."""
 
     @field_validator("template")
     @classmethod
@@ -270,19 +286,25 @@ class Budget(_Section):
     """How many trials, how long each trains, and how often it is evaluated (and may be stopped)."""
 
     num_samples: PositiveInt = 6
+    """Trials Optuna proposes."""
     max_steps: PositiveInt = 40
+    """Training steps of a trial that ASHA does not stop (and of the head-only sweeps)."""
     eval_every: PositiveInt = 10
+    """Steps between evaluations on validation; ASHA decides at its rungs among them."""
     batch_size: PositiveInt = 8
+    """Training examples per step."""
     max_concurrent_trials: PositiveInt = 2
-    max_failures: Annotated[StrictInt, Field(ge=0)] = 2  # restarts of a failed trial from its last checkpoint
-    # Evaluations before the last one (ASHA's rungs) use the first rung_validation_size validation examples
-    # (a fixed, stratified subset; None: all); the last one uses the whole split. Forward-only, so it takes
-    # larger batches.
+    """Trials training at once."""
+    max_failures: Annotated[StrictInt, Field(ge=0)] = 2
+    """Restarts of a failed trial from its last checkpoint."""
     rung_validation_size: Optional[PositiveInt] = 50
+    """Evaluations before a trial's last (ASHA's rungs) read this many validation examples (a fixed,
+    stratified subset; null: all); the last one reads the whole split."""
     eval_batch_size: PositiveInt = 32
-    # The head-only baseline trains one head per learning rate, this many spread over search_space.head_lr on a
-    # log scale, on the same features, and keeps the best on validation: its own lr at the cost of one trial.
+    """Examples per forward-only evaluation batch."""
     baseline_lrs: PositiveInt = 4
+    """Learning rates each head-only sweep tries, log-spaced over search_space.head_lr, on the same features;
+    it keeps the best on validation."""
 
     @model_validator(mode="after")
     def _eval_within_training(self) -> Budget:
@@ -300,7 +322,9 @@ class SamplerConfig(_Section):
     (None: a third of budget.num_samples, at least 2); the model proposes the rest."""
 
     sampler: Literal["tpe", "gp", "random"] = "tpe"
+    """tpe (multivariate, constant liar), gp (Gaussian process) or random."""
     n_startup_trials: Optional[PositiveInt] = None
+    """Random proposals before the model proposes (null: a third of budget.num_samples, at least 2)."""
 
     def startup_trials(self, num_samples: int) -> int:
         return self.n_startup_trials if self.n_startup_trials is not None else max(2, num_samples // 3)
@@ -310,32 +334,38 @@ class SchedulerConfig(_Section):
     """ASHA: a trial runs at least ``grace_period`` steps; each rung keeps 1/``reduction_factor`` of the trials."""
 
     grace_period: PositiveInt = 10
+    """Steps every trial runs before ASHA may stop it (its first rung)."""
     reduction_factor: Annotated[float, Field(gt=1)] = 2
+    """Each rung keeps 1/reduction_factor of the trials; rungs sit at grace_period times its powers."""
 
 
 class ResourcesConfig(_Section):
     """What Ray reserves for each trial actor."""
 
-    cpu: Annotated[float, Field(ge=0.0001)] = 1  # Ray refuses finer fractions of a CPU
+    cpu: Annotated[float, Field(ge=0.0001)] = 1
+    """CPUs Ray reserves for each trial actor (its torch threads); Ray refuses finer fractions."""
 
 
 class MLflowConfig(_Section):
     """Where trials are recorded; ``tracking_uri`` is absolute once the config is loaded."""
 
-    tracking_uri: Optional[Name] = None  # None: sqlite:///<output_dir>/mlflow.db
+    tracking_uri: Optional[Name] = None
+    """The MLflow store (null: sqlite:///<output_dir>/mlflow.db)."""
     experiment_name: Name = "ptune-search"
-    # The best trial's prompt is logged as a pyfunc model of the search run and registered under this name in
-    # the Model Registry (None: the experiment's name), e.g. mlflow.pyfunc.load_model("models:/NAME/1").
+    """The MLflow experiment of the search's runs."""
     registered_model_name: Optional[Name] = None
-    # How long the end of a search waits for an unreachable store to take the records still in its outbox;
-    # after that the search exits non-zero and keeps them for `--resume`.
+    """The Model Registry name of the best prompt's pyfunc model (null: the experiment's name)."""
     flush_timeout_s: Annotated[float, Field(gt=0)] = 300
+    """Seconds the end of a search waits for an unreachable store; then it exits non-zero and keeps the
+    records for --resume."""
 
 
 class ExperimentConfig(_Section):
     """A whole search: model, task, swarm, search space, budget and where results go (see module docstring)."""
 
     model: Annotated[StrictStr, Field(min_length=1, validate_default=True)] = "smollm2-135m"
+    """A packaged or generated model alias (see ptune-search prepare-model) or a Hugging Face checkpoint
+    folder."""
     task: TaskConfig = Field(default_factory=TaskConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     search_space: SearchSpace = Field(default_factory=SearchSpace)
@@ -343,10 +373,13 @@ class ExperimentConfig(_Section):
     search: SamplerConfig = Field(default_factory=SamplerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    baseline: StrictBool = True  # also run a head-only trial (no prompts) with the same budget
+    baseline: StrictBool = True
+    """Also run the head-only baseline (the bare text, no prompt, the same steps) and test it."""
     seed: Annotated[StrictInt, Field(ge=0, lt=2**32)] = 0
+    """One seed, one search: proposals, data order, ASHA's decisions and the figures."""
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     output_dir: Annotated[Path, Field(strict=False, validate_default=True)] = Path("runs/default")
+    """Where the MLflow store, the Optuna study, Tune's state, trials.csv and the plots go."""
 
     @field_validator("model")
     @classmethod

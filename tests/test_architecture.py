@@ -1,6 +1,6 @@
 """The package's import graph, read from the source (every import, lazy ones inside functions included).
 
-The rules of the house (README, "Layout"): no import circle between modules, and arrows that run one way:
+The rules of the house (docs/architecture.md): no import circle between modules, and arrows that run one way:
 the CLI calls the search, the search uses models, models use the swarm client; a block server takes its
 blocks from the models' family registry. So nothing in ``models/`` reaches the swarm's server side, and
 nothing in ``swarm/`` reaches the search, Ray, Optuna or MLflow.

@@ -52,7 +52,7 @@ SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(DataType.string, TEXT_COLUMN)]),
     outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(Map(DataType.double), "probabilities")]),
 )
-# What the model needs installed besides ptune-search itself (not on a package index: see README).
+# What the model needs installed besides ptune-search itself (not on a package index: see docs/mlflow.md).
 REQUIREMENTS = ("mlflow", "torch", "transformers", "safetensors", "hivemind", "pandas", "pydantic")
 
 

@@ -1,4 +1,5 @@
-"""README.md's Python blocks run as written, in a folder set up as a reader's is after the commands before them.
+"""The Python blocks of README.md and docs/ run as written, in a folder set up as a reader's is after the commands
+before them; their YAML blocks are valid configs.
 
 At hand: ``path`` and ``model_dir`` (the checkpoint), ``peers`` (a swarm serving it, also in ``peers.txt``),
 ``best-prompt/`` (the best prompt of a search, exported), ``DIR/`` (a ``ptune`` prompt as a PEFT adapter) and
@@ -9,7 +10,6 @@ prepares SmolLM2 itself.
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -21,13 +21,13 @@ from ptune_search.models.peft_adapter import write_peft_adapter
 from ptune_search.models.prompt_folder import ExportedPrompt
 from ptune_search.prompts.export import export_prompt
 from ptune_search.swarm.launcher import LocalSwarm, write_peers_file
+from tests.doc_pages import code_blocks
 from tests.export.handmade_prompt import handmade_prompt
 
 pytestmark = pytest.mark.slow
 
 MODEL_NAME = "smollm2-bbc-news"
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.DOTALL | re.MULTILINE)
+PYTHON_BLOCKS = code_blocks("python")
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +46,13 @@ def reader_folder(search_output: Path, tmp_path_factory: pytest.TempPathFactory)
         yield folder, {"path": path, "model_dir": path, "peers": swarm.initial_peers}
 
 
-def test_the_readme_has_python_blocks() -> None:
-    assert len(BLOCKS) >= 4
+def test_the_readme_and_the_docs_have_python_blocks() -> None:
+    assert any(page.name == "README.md" for page, _ in PYTHON_BLOCKS)
+    assert len(PYTHON_BLOCKS) >= 6
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"block-{i + 1}" for i in range(len(BLOCKS))])
-def test_readme_python_block_runs(block: str, reader_folder: tuple[Path, dict], monkeypatch) -> None:
+@pytest.mark.parametrize("page, block", PYTHON_BLOCKS, ids=[f"{p.name}-{i}" for i, (p, _) in enumerate(PYTHON_BLOCKS)])
+def test_python_block_runs(page: Path, block: str, reader_folder: tuple[Path, dict], monkeypatch) -> None:
     folder, names = reader_folder
     monkeypatch.chdir(folder)
-    exec(compile(block, str(README), "exec"), dict(names))
+    exec(compile(block, str(page), "exec"), dict(names))
