@@ -15,8 +15,6 @@ Every problem is reported at once, one per line, as ``<dotted.path>: <value> is 
 
 from __future__ import annotations
 
-import difflib
-import json
 import os
 import re
 import urllib.parse
@@ -38,35 +36,13 @@ from pydantic import (
     model_validator,
 )
 
+from ptune_search.config_errors import MAX_SHOWN, ConfigError, RuleBroken, describe_error, show_value
 from ptune_search.models.ptune import TUNING_MODES, TuningMode
 from ptune_search.swarm.client.client_config import ClientConfig
 from ptune_search.swarm.replica_layout import replica_layout_problem
 
-_MAX_SHOWN = 100  # characters of a value quoted in an error
-
 Name = Annotated[StrictStr, Field(min_length=1)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
-
-
-class ConfigError(ValueError):
-    """An invalid experiment config; ``problems`` holds one line per broken field, each naming its dotted path."""
-
-    def __init__(self, problems: str | Sequence[str]) -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
-
-
-class _Problem(ValueError):
-    """A rule broken at ``loc`` (relative to where the validator runs), with the message after ``<path>: ``.
-
-    ``{section}`` in the message becomes the validator's dotted prefix, so a rule can name sibling fields by
-    their full path (``must be <= budget.max_steps``) without the section knowing where it sits.
-    """
-
-    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
-        super().__init__(message)
-        self.loc = loc
-        self.message = message
 
 
 class _Section(BaseModel):
@@ -112,15 +88,15 @@ class TaskConfig(_Section):
             )
         path = _absolute(name, info)
         if _checks_paths(info) and not path.is_file():
-            raise _Problem((), f"{name} does not exist; give an existing {' or '.join(TABLE_EXTENSIONS)} file")
+            raise RuleBroken((), f"{name} does not exist; give an existing {' or '.join(TABLE_EXTENSIONS)} file")
         return str(path)
 
     @model_validator(mode="after")
     def _columns_differ(self) -> TaskConfig:
         if self.label_column == self.text_column:
-            raise _Problem(
+            raise RuleBroken(
                 ("label_column",),
-                f"{_show(self.label_column)} is not allowed: must differ from {{section}}text_column",
+                f"{show_value(self.label_column)} is not allowed: must differ from {{section}}text_column",
             )
         return self
 
@@ -153,7 +129,9 @@ class SwarmConfig(_Section):
         for index, peer in enumerate(peers or []):
             problem = _peer_id_problem(peer)
             if problem is not None:
-                raise _Problem((index,), f"{_show(peer)} is not allowed: must be a peer id like Qm... ({problem})")
+                raise RuleBroken(
+                    (index,), f"{show_value(peer)} is not allowed: must be a peer id like Qm... ({problem})"
+                )
         return peers
 
     @field_validator("initial_peers")
@@ -162,9 +140,9 @@ class SwarmConfig(_Section):
         for index, peer in enumerate(peers):
             problem = _multiaddr_problem(peer)
             if problem is not None:
-                raise _Problem(
+                raise RuleBroken(
                     (index,),
-                    f"{_show(peer)} is not allowed: must be a multiaddr like /ip4/10.0.0.5/tcp/31337/p2p/Qm... "
+                    f"{show_value(peer)} is not allowed: must be a multiaddr like /ip4/10.0.0.5/tcp/31337/p2p/Qm... "
                     f"({problem})",
                 )
         return peers
@@ -173,26 +151,26 @@ class SwarmConfig(_Section):
     def _servers_fill_replicas(self) -> SwarmConfig:
         problem = replica_layout_problem(self.servers, self.replicas)
         if self.mode != "external" and problem:
-            raise _Problem(("servers",), f"{self.servers} is not allowed: {{section}}{problem}")
+            raise RuleBroken(("servers",), f"{self.servers} is not allowed: {{section}}{problem}")
         return self
 
     @model_validator(mode="after")
     def _peers_match_mode(self) -> SwarmConfig:
         if self.mode == "external" and not self.initial_peers:
-            raise _Problem(
+            raise RuleBroken(
                 ("initial_peers",),
                 "[] is not allowed: {section}mode 'external' needs at least one peer multiaddr to join",
             )
         if self.mode in ("local", "ray") and self.trusted_servers is not None:
-            raise _Problem(
+            raise RuleBroken(
                 ("trusted_servers",),
-                f"{_show(self.trusted_servers)} is not allowed when {{section}}mode is '{self.mode}': the search "
+                f"{show_value(self.trusted_servers)} is not allowed when {{section}}mode is '{self.mode}': the search "
                 "starts its own servers, with new peer ids; set {section}mode to 'external' to trust given servers",
             )
         if self.mode in ("local", "ray") and self.initial_peers:
-            raise _Problem(
+            raise RuleBroken(
                 ("initial_peers",),
-                f"{_show(self.initial_peers)} is not allowed: must be empty when {{section}}mode is '{self.mode}' "
+                f"{show_value(self.initial_peers)} is not allowed: must be empty when {{section}}mode is '{self.mode}' "
                 "(the search starts its own swarm); set {section}mode to 'external' to join these peers",
             )
         return self
@@ -254,7 +232,7 @@ class SearchSpace(_Section):
         try:
             return check_template(template)
         except ValueError as error:
-            raise _Problem((), f"{_show(template)} is not allowed: {error}") from None
+            raise RuleBroken((), f"{show_value(template)} is not allowed: {error}") from None
 
     @field_validator("prompt_init")
     @classmethod
@@ -265,9 +243,9 @@ class SearchSpace(_Section):
             try:
                 check_prompt_init(init)
             except ValueError as error:
-                raise _Problem((index,), f"{_show(init)} is not allowed: {error}") from None
+                raise RuleBroken((index,), f"{show_value(init)} is not allowed: {error}") from None
             if inits.index(init) < index:
-                raise _Problem((index,), f"{_show(init)} is not allowed: repeats {{section}}prompt_init")
+                raise RuleBroken((index,), f"{show_value(init)} is not allowed: repeats {{section}}prompt_init")
         return inits
 
     @model_validator(mode="after")
@@ -275,9 +253,9 @@ class SearchSpace(_Section):
         for index, mode in enumerate(self.tuning_modes):
             first = self.tuning_modes.index(mode)
             if first < index:
-                raise _Problem(
+                raise RuleBroken(
                     ("tuning_modes", index),
-                    f"{_show(mode)} is not allowed: repeats {{section}}tuning_modes[{first}]",
+                    f"{show_value(mode)} is not allowed: repeats {{section}}tuning_modes[{first}]",
                 )
         return self
 
@@ -309,7 +287,7 @@ class Budget(_Section):
     @model_validator(mode="after")
     def _eval_within_training(self) -> Budget:
         if self.eval_every > self.max_steps:
-            raise _Problem(
+            raise RuleBroken(
                 ("eval_every",),
                 f"{self.eval_every} is not allowed: must be <= {{section}}max_steps ({self.max_steps})",
             )
@@ -393,12 +371,12 @@ class ExperimentConfig(_Section):
                 try:
                     packaged_gguf(model)
                 except FileNotFoundError as error:
-                    raise _Problem((), f"{model} is not usable: {error}") from None
+                    raise RuleBroken((), f"{model} is not usable: {error}") from None
             return model
         path = _absolute(model, info)
         if _checks_paths(info) and not (path / "config.json").is_file():
             problem = "is a folder without config.json" if path.is_dir() else "does not exist"
-            raise _Problem(
+            raise RuleBroken(
                 (),
                 f"{model} {problem}; use a model alias ({', '.join(MODEL_ALIASES)}) "
                 "or a Hugging Face checkpoint folder",
@@ -409,7 +387,7 @@ class ExperimentConfig(_Section):
             try:
                 check_supported(path)
             except (UnsupportedModelError, ValueError) as error:
-                raise _Problem((), str(error)) from None
+                raise RuleBroken((), str(error)) from None
         return str(path)
 
     @field_validator("output_dir", mode="before")
@@ -427,7 +405,7 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _resolve(self, info: ValidationInfo) -> ExperimentConfig:
         if self.scheduler.grace_period > self.budget.max_steps:
-            raise _Problem(
+            raise RuleBroken(
                 ("scheduler", "grace_period"),
                 f"{self.scheduler.grace_period} is not allowed: must be <= budget.max_steps ({self.budget.max_steps})",
             )
@@ -471,7 +449,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_paths:
         raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(error)}") from None
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{path}: {_show(data)} is not allowed: the config must be a mapping of sections "
+            f"{path}: {show_value(data)} is not allowed: the config must be a mapping of sections "
             f"({', '.join(ExperimentConfig.model_fields)})"
         )
     for override in overrides:
@@ -487,7 +465,7 @@ def parse_config(
     try:
         return ExperimentConfig.model_validate(data, context=context)
     except ValidationError as error:
-        raise ConfigError([_describe(detail) for detail in error.errors()]) from None
+        raise ConfigError([describe_error(detail, ExperimentConfig) for detail in error.errors()]) from None
 
 
 def parse_override(override: str) -> tuple[list[str], Any]:
@@ -510,7 +488,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         section = section.setdefault(key, {})
         if not isinstance(section, dict):
             parent = ".".join(keys[: depth + 1])
-            raise ConfigError(f"{'.'.join(keys)}: cannot set: {parent} is {_show(section)}, not a mapping")
+            raise ConfigError(f"{'.'.join(keys)}: cannot set: {parent} is {show_value(section)}, not a mapping")
     section[keys[-1]] = value
 
 
@@ -556,7 +534,7 @@ def _multiaddr_problem(peer: str) -> Optional[str]:
     try:
         protocols = {protocol.name for protocol in Multiaddr(peer).protocols()}
     except (MultiaddrError, ValueError, TypeError) as error:
-        return " ".join(str(error).split())[:_MAX_SHOWN]
+        return " ".join(str(error).split())[:MAX_SHOWN]
     if "p2p" not in protocols:
         return "no /p2p/<peer id> part"
     if not protocols & {"ip4", "ip6", "dns", "dns4", "dns6"} or not protocols & {"tcp", "udp"}:
@@ -572,13 +550,13 @@ def _peer_id_problem(peer: str) -> Optional[str]:
     try:
         multihash.decode(base58.b58decode(peer))
     except (ValueError, TypeError) as error:
-        return " ".join(str(error).split())[:_MAX_SHOWN] or type(error).__name__
+        return " ".join(str(error).split())[:MAX_SHOWN] or type(error).__name__
     return None
 
 
 def _check_ordered(low: float, high: float) -> None:
     if low > high:
-        raise _Problem(("low",), f"{low} is not allowed: must be <= {{section}}high ({high})")
+        raise RuleBroken(("low",), f"{low} is not allowed: must be <= {{section}}high ({high})")
 
 
 def _checks_paths(info: ValidationInfo) -> bool:
@@ -588,7 +566,7 @@ def _checks_paths(info: ValidationInfo) -> bool:
 def _absolute(path: str | Path, info: ValidationInfo) -> Path:
     """``path`` made absolute against the context's base_dir, lexically (no symlinks followed, no I/O)."""
     if "\0" in str(path):
-        raise _Problem((), f"{_show(str(path))} is not allowed: a path cannot contain a NUL character")
+        raise RuleBroken((), f"{show_value(str(path))} is not allowed: a path cannot contain a NUL character")
     base_dir = (info.context or {}).get("base_dir") or Path.cwd()
     return Path(os.path.abspath(Path(base_dir).expanduser() / Path(path).expanduser()))
 
@@ -597,18 +575,22 @@ def _resolve_tracking_uri(uri: Optional[str], output_dir: Path, info: Validation
     if uri is None:
         return f"sqlite:///{output_dir / 'mlflow.db'}"
     if "\0" in uri:
-        raise _Problem(("mlflow", "tracking_uri"), f"{_show(uri)} is not allowed: must not contain a NUL character")
+        raise RuleBroken(
+            ("mlflow", "tracking_uri"), f"{show_value(uri)} is not allowed: must not contain a NUL character"
+        )
     if uri.startswith("sqlite:///"):
         if not uri[len("sqlite:///") :].strip():
-            raise _Problem(("mlflow", "tracking_uri"), f"{_show(uri)} is not allowed: names no database file")
+            raise RuleBroken(("mlflow", "tracking_uri"), f"{show_value(uri)} is not allowed: names no database file")
         return f"sqlite:///{_absolute(uri[len('sqlite:///') :], info)}"
     if re.match(r"https?://", uri, re.IGNORECASE) and not _server_address(uri):
-        raise _Problem(("mlflow", "tracking_uri"), f"{_show(uri)} is not allowed: names no valid server host and port")
+        raise RuleBroken(
+            ("mlflow", "tracking_uri"), f"{show_value(uri)} is not allowed: names no valid server host and port"
+        )
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
     if scheme is None or scheme.group(1).lower() == "file":
-        raise _Problem(
+        raise RuleBroken(
             ("mlflow", "tracking_uri"),
-            f"{_show(uri)} is not allowed: MLflow refuses file stores; use sqlite:///<path>/mlflow.db, "
+            f"{show_value(uri)} is not allowed: MLflow refuses file stores; use sqlite:///<path>/mlflow.db, "
             "an http(s):// tracking server, or null for sqlite:///<output_dir>/mlflow.db",
         )
     return uri
@@ -620,74 +602,3 @@ def _server_address(uri: str) -> bool:
         return bool(parts.hostname) and (parts.port is None or parts.port > 0)
     except ValueError:  # e.g. a port beyond 65535 or an unclosed [IPv6 bracket
         return False
-
-
-def _describe(detail: Mapping[str, Any]) -> str:
-    """One line for one pydantic error: ``<dotted.path>: <value> is not allowed: <rule>``."""
-    loc, kind, value = tuple(detail["loc"]), detail["type"], detail.get("input")
-    ctx = detail.get("ctx") or {}
-    error = ctx.get("error")
-    if isinstance(error, _Problem):
-        section = _dotted(loc)
-        prefix = f"{section}." if section else ""
-        return f"{_dotted((*loc, *error.loc))}: {error.message.replace('{section}', prefix)}"
-    if kind in ("extra_forbidden", "invalid_key"):
-        parent, key = loc[:-1], str(loc[-1])
-        allowed = list(_section_model(parent).model_fields)
-        path = _dotted((*parent, key))
-        close = difflib.get_close_matches(key, allowed, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        return f"{path}: unknown field; allowed: {', '.join(allowed)}{hint}"
-    if kind == "missing":
-        return f"{_dotted(loc)}: missing; this field is required"
-    return f"{_dotted(loc)}: {_show(value)} is not allowed: {_rule(kind, ctx, loc, str(detail['msg']))}"
-
-
-def _rule(kind: str, ctx: Mapping[str, Any], loc: tuple[Any, ...], message: str) -> str:
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-    if kind in bounds:
-        return f"must be {bounds[kind]} {next(iter(ctx.values()))}"
-    if kind == "model_type":
-        return f"must be a mapping with keys {', '.join(_section_model(loc).model_fields)}"
-    rules = {
-        "int_type": "must be an integer",
-        "float_type": "must be a number",
-        "finite_number": "must be a finite number",
-        "string_type": "must be a string",
-        "string_too_short": "must not be empty",
-        "bool_type": "must be true or false",
-        "list_type": "must be a list",
-        "too_short": "must not be empty",
-        "path_type": "must be a path",
-    }
-    if kind in rules:
-        return rules[kind]
-    if kind == "literal_error":
-        return f"must be {ctx['expected']}"
-    if kind == "value_error":
-        return str(ctx["error"])
-    return message[:1].lower() + message[1:]
-
-
-def _section_model(loc: tuple[Any, ...]) -> type[BaseModel]:
-    """The model class of the section at ``loc`` (``()`` is the whole config)."""
-    model: type[BaseModel] = ExperimentConfig
-    for key in loc:
-        model = model.model_fields[key].annotation  # type: ignore[assignment]  # sections are plain model fields
-    return model
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    path = ""
-    for key in loc:
-        path += f"[{key}]" if isinstance(key, int) else (f".{key}" if path else str(key))
-    return path
-
-
-def _show(value: Any) -> str:
-    """A value as a user wrote it in YAML flow style (null, true, "text", [1, 2]), shortened."""
-    try:
-        shown = json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        shown = repr(value)
-    return shown if len(shown) <= _MAX_SHOWN else shown[: _MAX_SHOWN - 3] + "..."

@@ -54,9 +54,9 @@ def test_default_experiment_parses_with_the_budget_of_the_brief() -> None:
     assert config.search_space.template == "Article: {text}\nThis article is about"
     assert (config.search.sampler, config.search.startup_trials(config.budget.num_samples)) == ("tpe", 2)
     budget = config.budget
-    assert (budget.num_samples, budget.max_steps, budget.eval_every, budget.batch_size) == (6, 60, 15, 8)
+    assert (budget.num_samples, budget.max_steps, budget.eval_every, budget.batch_size) == (4, 30, 10, 8)
     assert (budget.max_concurrent_trials, budget.rung_validation_size, budget.baseline_lrs) == (2, None, 4)
-    assert (config.scheduler.grace_period, config.scheduler.reduction_factor) == (15, 2)
+    assert (config.scheduler.grace_period, config.scheduler.reduction_factor) == (10, 2)
     assert config.baseline is True and config.seed == 0
     assert config.mlflow.experiment_name == "smollm2-bbc-news"
     assert config.output_dir == Path.cwd() / "runs" / "smollm2_bbc_news"
