@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from mlflow import MlflowClient
 
-from ptune_search.search.ordered_optuna import TUNE_TRIAL_ID_ATTR
+from ptune_search.search.sampler import TUNE_TRIAL_ID_ATTR
 from ptune_search.search.tracking.records import ROLE_TAG, TRIAL_TAG
 from ptune_search.search.tune_runs import SEARCH_NAME
 

@@ -3,7 +3,7 @@
 Ray's ASHA compares a trial at a rung with whatever trials happened to reach that rung before it, so the same
 search can stop a trial in one run and keep it in the next (two trials at once interleave differently on a
 busy machine). Here trial ``k`` is compared only with trials ``0 .. k - c`` (``c``: trials at once), which
-:class:`~ptune_search.search.ordered_optuna.OrderedOptunaSearch` guarantees had ended before trial ``k`` was
+:class:`~ptune_search.search.sampler.InOrderPrunedOptunaSearcher` guarantees had ended before trial ``k`` was
 proposed: their rung values are final, so the decision is the same on every run. The rule is otherwise Ray's:
 at each rung (``grace_period * reduction_factor ** n`` steps) a trial below the top ``1 / reduction_factor`` of
 those values is stopped.

@@ -18,10 +18,9 @@ from ptune_search.search.disk_space import OutputDisk
 from ptune_search.search.disk_watch import FreeSpaceWatch
 from ptune_search.search.head_sweep import candidate_lrs
 from ptune_search.search.ordered_asha import OrderedASHA
-from ptune_search.search.ordered_optuna import OrderedOptunaSearch
 from ptune_search.search.progress import SearchProgress
 from ptune_search.search.report import asha_rungs
-from ptune_search.search.sampler import SearchSpaceSampler, build_sampler
+from ptune_search.search.sampler import InOrderPrunedOptunaSearcher, SearchSpaceSampler, build_sampler
 from ptune_search.search.tracking.records import MlflowTrialCallback
 from ptune_search.search.trial import PromptTuningTrial, TrialSettings
 from ptune_search.search.trial_actors import TrialActors
@@ -52,13 +51,13 @@ def fit_trials(
         # The run config comes back with the run; its MLflow callback reattaches to this driver's open outbox.
         return _restored(run_path, trainable, callback).fit()
     budget, scheduler = config.budget, config.scheduler
-    searcher = OrderedOptunaSearch(
-        space=SearchSpaceSampler.of(config),
-        metric=METRIC,
-        mode=MODE,
-        sampler=build_sampler(config),
-        storage=optuna_storage(config.output_dir),
-        study_name=SEARCH_NAME,
+    searcher = InOrderPrunedOptunaSearcher(
+        SearchSpaceSampler.of(config),
+        build_sampler(config),
+        optuna_storage(config.output_dir),
+        SEARCH_NAME,
+        METRIC,
+        MODE,
         concurrency=budget.max_concurrent_trials,
         num_samples=budget.num_samples,
     )

@@ -8,7 +8,7 @@ import optuna
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from ptune_search.search.ordered_optuna import TUNE_TRIAL_ID_ATTR
+from ptune_search.search.sampler import TUNE_TRIAL_ID_ATTR
 from ptune_search.search.tracking.records import ROLE_TAG, TRIAL_TAG
 
 

@@ -16,7 +16,7 @@ CONCURRENCY = 2
 
 def possible_orders() -> list[tuple[str, ...]]:
     """Every order in which the trials can reach the rung: trial k is proposed (so reaches the rung) only
-    after trials 0 .. k - CONCURRENCY have ended (OrderedOptunaSearch)."""
+    after trials 0 .. k - CONCURRENCY have ended (InOrderPrunedOptunaSearcher)."""
     names = list(AT_RUNG)
     return [
         order

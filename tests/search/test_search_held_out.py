@@ -11,7 +11,7 @@ import pytest
 from ptune_search.data import Examples, TaskSpec, load_examples, split_task, stratified_splits
 from ptune_search.prompts.export import export_prompt
 from ptune_search.prompts.predict import PromptClassifier
-from ptune_search.search.ordered_optuna import TUNE_TRIAL_ID_ATTR
+from ptune_search.search.sampler import TUNE_TRIAL_ID_ATTR
 from ptune_search.search.tracking.records import BEST_TAG
 from tests.search.search_process import assert_no_survivors
 from tests.search.store_views import metric_steps, runs_by_role, trial_runs

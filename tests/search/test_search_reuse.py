@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from ptune_search.search.ordered_optuna import TUNE_TRIAL_ID_ATTR
+from ptune_search.search.sampler import TUNE_TRIAL_ID_ATTR
 from tests.search.search_process import assert_no_survivors
 from tests.search.store_views import metric_steps, study_states, trial_runs
 

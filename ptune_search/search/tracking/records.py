@@ -255,7 +255,7 @@ class SearchTracker:
     def drop_ghost_runs(self, role: str, known_trial_ids: set[str]) -> None:
         """Delete the ``role`` runs of trials a resumed Tune run does not know, if they logged nothing: a driver
         killed between a trial's start and Tune's next snapshot leaves a run no trial will ever write to
-        (the study marks the same trial FAIL, see ``OrderedOptunaSearch.restore``)."""
+        (the study marks the same trial FAIL, see ``InOrderPrunedOptunaSearcher.restore``)."""
         for run in self._runs({SEARCH_TAG: self.search_dir, ROLE_TAG: role}):
             trial_id = run.data.tags[TRIAL_TAG]
             if trial_id not in known_trial_ids and not run.data.metrics:
