@@ -21,6 +21,7 @@ from pydantic.fields import FieldInfo
 from ptune_search.config import ExperimentConfig
 
 _SCALARS = {int: "integer", float: "number", str: "string", bool: "true / false", Path: "path"}
+_TABLE_HEAD = ["| key | type | default | what it sets |", "|---|---|---|---|"]
 
 
 def type_name(annotation: Any) -> str:
@@ -58,8 +59,7 @@ def _cell(text: str) -> str:
 
 def section_table(name: str, section: type[BaseModel]) -> list[str]:
     """The lines of one section: its heading, what it is for, and a row per key."""
-    lines = [f"### `{name}`", "", _cell(section.__doc__ or ""), "", "| key | type | default | what it sets |"]
-    lines.append("|---|---|---|---|")
+    lines = [f"### `{name}`", "", _cell(section.__doc__ or ""), "", *_TABLE_HEAD]
     lines += [_row(key, field) for key, field in section.model_fields.items()]
     return [*lines, ""]
 
@@ -72,7 +72,7 @@ def _row(key: str, field: FieldInfo) -> str:
 def render_config_reference() -> str:
     """Markdown: the top-level keys, then one table per section, in the order a config file lists them."""
     fields = ExperimentConfig.model_fields
-    lines = ["| key | type | default | what it sets |", "|---|---|---|---|"]
+    lines = [*_TABLE_HEAD]
     lines += [_row(key, field) for key, field in fields.items() if not _is_section(field)]
     lines.append("")
     for key, field in fields.items():

@@ -123,12 +123,16 @@ class InOrderPrunedOptunaSearcher(Searcher):
         self.study = optuna.create_study(
             storage=storage, sampler=sampler, study_name=study_name, direction=direction, load_if_exists=True
         )
-        self.trials: dict[str, optuna.Trial] = {}  # by Tune trial id
-        self.order: list[str] = []  # Tune trial ids in proposal order
+        self.trials: dict[str, optuna.Trial] = {}  # by Tune trial id, in proposal order
         self.reports: dict[str, dict[int, float]] = {}  # intermediate values by step, told with the outcome
         self.outcomes: dict[str, tuple[TrialState, Optional[float]]] = {}  # ended, not yet told
         self.ended: set[str] = set()
         self.told = 0  # trials told so far: always a prefix of ``order``
+
+    @property
+    def order(self) -> list[str]:
+        """Tune trial ids in proposal order."""
+        return list(self.trials)
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], config: dict, **spec: Any) -> bool:
         return metric in (None, self.metric) and mode in (None, self.mode)
@@ -140,7 +144,6 @@ class InOrderPrunedOptunaSearcher(Searcher):
             trial = self.study.ask()
             trial.set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
             self.trials[trial_id] = trial
-            self.order.append(trial_id)
         trial = self.trials[trial_id]
         constants = self.space(trial)  # define-by-run; asked again, it returns the same values
         return {**trial.params, **(constants or {})}
