@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from pathlib import Path
@@ -79,6 +80,25 @@ def test_merged_graph_counts_activation_bytes_without_weights(span):
     assert sum(merged.member_bytes(m) for m in range(len(requests))) <= merged.nbytes
     unmeasured = MergedForward.run(span_fn(span), requests, END - START, grad=True)
     assert unmeasured.nbytes - merged.nbytes >= weight_bytes // 2  # the frozen weights are what was left out
+
+
+def live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("backwards", [[], [[1]]], ids=["never backwarded", "partly backwarded"])
+def test_a_dropped_graph_frees_what_it_saved(span, backwards):
+    """A graph the activation cache evicts before every backward ran is freed once dropped: no activation it
+    saved outlives it (saved as themselves, outputs of its ops held their own grad_fn: a leak under load)."""
+    requests = [request(seed, *shape) for seed, shape in enumerate(SHAPES)]
+    before = live_tensors()
+    merged = MergedForward.run(span_fn(span), requests, END - START, grad=True)
+    for members in backwards:
+        merged.backward(members, [requests[m].grad_outputs for m in members])
+    assert live_tensors() > before  # the kept graph's activations are alive while it is
+    del merged
+    assert live_tensors() == before
 
 
 def mergeable(key, rows: int, length: int, payload: str, batches: list) -> Mergeable:

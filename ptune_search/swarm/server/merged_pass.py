@@ -81,7 +81,9 @@ class MergedForward:
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in weights:
                 seen[storage.data_ptr()] = storage.nbytes()
-            return tensor
+            # Detached: a saved output kept as itself would hold its own grad_fn, a cycle through C++ that no
+            # gc breaks, so a graph evicted before its backward would never be freed (autograd re-attaches it).
+            return tensor.detach()
 
         with torch.set_grad_enabled(grad), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             hidden = torch.cat([F.pad(x, (0, 0, 0, length - x.shape[1])) for x in inputs])
