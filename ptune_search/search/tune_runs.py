@@ -140,8 +140,8 @@ def _run_config(
     return tune.RunConfig(
         name=name,
         storage_path=str(config.output_dir / "ray"),
-        # The watch after MLflow: the last result is recorded.
-        callbacks=[callback, FreeSpaceWatch(disk), TrialActors.of_this_driver(), progress],
+        # The watch last: the result that crossed the line is recorded, and everything sees the experiment end.
+        callbacks=[callback, TrialActors.of_this_driver(), progress, FreeSpaceWatch(disk)],
         checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True),
         failure_config=tune.FailureConfig(max_failures=config.budget.max_failures),
         verbose=0,  # the search prints its own progress (SearchProgress); Tune's tables go to the log file
