@@ -12,10 +12,17 @@ processes hits all alike:
   goes through the LM head);
 - ``local``: Hugging Face's ``generate`` with its KV cache on the same weights, all blocks in this process.
 
+Each swarm record also says where a step's time went: ``servers_compute_ms_per_step`` (the servers' compute
+threads, summed over the servers, from their info RPC), ``servers_core_wait_ms_per_step`` (their wait for
+the machine's cores) and ``rest_ms_per_step`` (the client's embeddings and LM head, RPCs, serialization,
+queues).
+
 Then, with ``--sessions`` (16) concurrent sessions of batch ``--sessions-batch`` opened on the swarm from
 threads of this process, the resident memory (RSS) of each server process is sampled: its growth is set
 against the bytes its sessions reserve and the server's stated budget (``--server-budget-mib``, its
-``inflight_bytes``: a server refuses a session that does not fit as busy, the client retries later).
+``inflight_bytes``: a server refuses a session that does not fit as busy, the client retries later). The
+default budget, 256 MiB, is below what 16 sessions of batch 8 x 192 positions need on SmolLM2's 15 blocks
+(540 MiB), so it binds.
 
 Prints JSON lines, one per measurement; the last is the summary::
 
@@ -114,7 +121,30 @@ class Generators:
         self.remote.close()
 
 
-def measure(generators: Generators, way: str, input_ids: torch.Tensor, new_tokens: int) -> tuple[dict, torch.Tensor]:
+def server_info(model: Any, peer_id: str) -> dict[str, Any]:
+    """What a server's info RPC says (its compute queue's stats, its sessions, ...)."""
+    connection = model.model.layers.connection
+
+    async def ask() -> dict[str, Any]:
+        stub = BlockService.get_stub(connection.p2p, PeerID.from_base58(peer_id))
+        return unpack_metadata((await stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=30)).metadata)
+
+    return connection.run(ask(), timeout=60)
+
+
+def servers_compute(model: Any, peer_ids: Sequence[str]) -> dict[str, float]:
+    """Seconds the servers' compute threads spent computing and waiting for cores, summed over the servers."""
+    stats = [server_info(model, peer_id)["compute"] for peer_id in peer_ids]
+    return {key: sum(stat[key] for stat in stats) for key in ("compute_s", "lock_wait_s")}
+
+
+def measure(
+    generators: Generators, way: str, input_ids: torch.Tensor, new_tokens: int, peer_ids: Sequence[str]
+) -> tuple[dict, torch.Tensor]:
+    """One generation, timed; for the swarm ways, with where a step's time went: the servers' computing, their
+    wait for cores, and the rest (the client's embeddings and LM head, RPCs, serialization, queues)."""
+    remote = way != "local"
+    before = servers_compute(generators.remote, peer_ids) if remote else {}
     load_before = load_avg()
     started = time.perf_counter()
     tokens = generators.way(way)(input_ids, new_tokens)
@@ -131,6 +161,13 @@ def measure(generators: Generators, way: str, input_ids: torch.Tensor, new_token
         "ms_per_step": round(1000 * elapsed / tokens.shape[1], 1),
         "load_avg_1m": [load_before, load_avg()],
     }
+    if remote:
+        after = servers_compute(generators.remote, peer_ids)
+        steps = tokens.shape[1]
+        compute, lock_wait = (1000 * (after[key] - before[key]) / steps for key in ("compute_s", "lock_wait_s"))
+        record["servers_compute_ms_per_step"] = round(compute, 1)
+        record["servers_core_wait_ms_per_step"] = round(lock_wait, 1)
+        record["rest_ms_per_step"] = round(record["ms_per_step"] - compute - lock_wait, 1)
     return record, tokens
 
 
@@ -146,14 +183,8 @@ def rss_bytes(pid: int) -> int:
 
 
 def server_sessions(model: Any, peer_id: str) -> dict[str, Any]:
-    """The ``sessions`` part of a server's info RPC (open sessions, reserved and allocated cache bytes)."""
-    connection = model.model.layers.connection
-
-    async def ask() -> dict[str, Any]:
-        stub = BlockService.get_stub(connection.p2p, PeerID.from_base58(peer_id))
-        return unpack_metadata((await stub.rpc_info(runtime_pb2.ExpertRequest(), timeout=30)).metadata)
-
-    return connection.run(ask(), timeout=60)["sessions"]
+    """The ``sessions`` part of a server's info (open sessions, reserved and allocated cache bytes, endings)."""
+    return server_info(model, peer_id)["sessions"]
 
 
 class MemorySampler:
@@ -285,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--sessions", type=int, default=16, help="concurrent sessions for the memory check (0: none)")
     parser.add_argument("--sessions-batch", type=int, default=8, help="batch size of each concurrent session")
     parser.add_argument(
-        "--server-budget-mib", type=int, default=4096, help="each server's memory budget (its inflight_bytes)"
+        "--server-budget-mib", type=int, default=256, help="each server's memory budget (its inflight_bytes)"
     )
     parser.add_argument("--server-threads", type=int, help="torch threads per server (default: torch's)")
     args = parser.parse_args(argv)
@@ -300,10 +331,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     generators.way(way)(inputs[batch], WARMUP_TOKENS)
             records: list[dict] = []
             tokens: dict[tuple[str, int], list[torch.Tensor]] = {}
+            peer_ids = [server.peer_id for server in swarm.servers]
             for _ in range(args.rounds):
                 for batch in args.batches:
                     for way in args.ways:
-                        record, new = measure(generators, way, inputs[batch], args.new_tokens)
+                        record, new = measure(generators, way, inputs[batch], args.new_tokens, peer_ids)
                         records.append(record)
                         tokens.setdefault((way, batch), []).append(new)
                         emit(record)
