@@ -107,6 +107,30 @@ def test_half_wire_trains_alike_with_every_wire_dtype(tmp_path):
     assert max(differences.values()) < 0.1  # 16-bit hidden states change the loss a little, not the training
 
 
+def test_generation_compares_sessions_no_cache_and_local_with_the_same_greedy_tokens(tmp_path):
+    args = ["--model", "tiny-llama", "--input-tokens", "12", "--new-tokens", "6", "--rounds", "1"]
+    args += ["--sessions", "3", "--sessions-batch", "2"]
+    records = run_benchmark("generation", args, tmp_path)
+    runs = of(records, "generation")
+    assert [(run["way"], run["batch"]) for run in runs] == [
+        (way, batch) for batch in (1, 8) for way in ("session", "no_cache", "local")
+    ]
+    for run in runs:
+        assert (run["input_tokens"], run["new_tokens"]) == (12, 6)
+        assert_positive(run, "wall_s", "tokens_per_s", "ms_per_step")
+    (memory,) = of(records, "generation_sessions_memory")
+    assert (memory["sessions"], memory["batch"], memory["max_length"]) == (3, 2, 18)
+    for server in memory["servers"]:
+        assert server["peak_open_sessions"] >= 1 and server["peak_reserved_mib"] <= memory["budget_mib"]
+        assert server["growth_within_budget"]
+        assert sum(server["ended"].values()) >= 3  # every session ended (and the speed runs' too)
+    (summary,) = of(records, "generation_summary")
+    assert summary["same_tokens"] == {"1": True, "8": True}  # the three ways generate the same greedy tokens
+    for ratios in (summary["session_over_local"], summary["session_over_no_cache"]):
+        assert set(ratios) == {"1", "8"}
+        assert_positive(ratios, "1", "8")
+
+
 @pytest.mark.slow  # a private Ray and fresh trial actors
 def test_trial_setup_times_fresh_and_reused_trial_actors(tmp_path):
     args = ["--model", "tiny-llama", "--servers", "1", "--trials", "2"]

@@ -57,8 +57,11 @@ class CausalLMSession:
         )
 
     @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits ``[B, t, vocab]`` (float32) of the next token after each of the ``t`` new tokens ``input_ids``."""
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """Logits ``[B, t, vocab]`` (float32) of the next token after each of the ``t`` new tokens ``input_ids``;
+        with ``logits_to_keep`` k > 0, after the last k only (``[B, k, vocab]``: the LM head skips the others)."""
         base = self.model.model
         batch, length = input_ids.shape
         if batch != self.batch_size:
@@ -82,7 +85,8 @@ class CausalLMSession:
             hidden = base.input_norm(hidden)
         hidden = self.blocks.step(hidden, attention_mask.to(torch.long), deep_prompts)
         self.position += length
-        return self.model.lm_head(base.norm(hidden[:, prefix:])).float()
+        hidden = hidden[:, prefix:] if logits_to_keep <= 0 else hidden[:, -min(logits_to_keep, length) :]
+        return self.model.lm_head(base.norm(hidden)).float()
 
     def close(self) -> None:
         self.blocks.close()
@@ -134,7 +138,7 @@ def generate(
     if session is None:
         session = CausalLMSession(model, batch, input_ids.shape[1] + max_new_tokens)
     try:
-        logits = session.step(input_ids, attention_mask)[:, -1]
+        logits = session.step(input_ids, attention_mask, logits_to_keep=1)[:, -1]
         unfinished = torch.ones(batch, dtype=torch.bool)
         new_tokens: list[torch.Tensor] = []
         while True:
@@ -149,7 +153,7 @@ def generate(
                 unfinished &= ~torch.isin(tokens, torch.tensor(eos))
             if len(new_tokens) == max_new_tokens or not bool(unfinished.any()):
                 break
-            logits = session.step(tokens[:, None])[:, -1]
+            logits = session.step(tokens[:, None], logits_to_keep=1)[:, -1]
     finally:
         if own_session:
             session.close()

@@ -66,17 +66,22 @@ class InferenceSessions:
         self.span, self.served, self.queue, self.budget = span, served, queue, budget
         self.open = 0
         self.reserved_bytes = 0
+        self.peak_open = 0  # high-water marks: short sessions end between two looks at ``stats``
+        self.peak_reserved_bytes = 0
         self.ended: collections.Counter[str] = collections.Counter()
         self._caches: set[SessionCache] = set()
         self._bytes_per_position: Optional[int] = None
 
     def stats(self) -> dict[str, Any]:
-        """Open sessions, the bytes reserved for their caches and those allocated (never more), how they ended."""
+        """Open sessions, the bytes reserved for their caches and those allocated (never more), the most of each
+        at once so far, how they ended."""
         allocated = sum(cache.nbytes for cache in list(self._caches))
         return {
             "open": self.open,
             "reserved_bytes": self.reserved_bytes,
             "allocated_bytes": allocated,
+            "peak_open": self.peak_open,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
             "ended": dict(self.ended),
         }
 
@@ -97,6 +102,8 @@ class InferenceSessions:
             self._caches.add(cache)
             self.open += 1
             self.reserved_bytes += reserved
+            self.peak_open = max(self.peak_open, self.open)
+            self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes)
             ending = "disconnected"  # unless the client closes, goes idle, or a step is refused
             try:
                 answer = {"max_length": session.max_length, "timeout": session.timeout, "bytes": reserved}
