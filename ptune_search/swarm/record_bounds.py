@@ -197,26 +197,25 @@ async def join_dht(limits: RecordLimits, validator: RecordValidatorBase, **optio
     options.setdefault("cache_locally", False)
     checks = CompositeValidator([validator, RecordSizeValidator(limits)])
     node = await DHTNode.create(record_validator=checks, **options)
-    bound_node(node, limits)
+    try:
+        bound_node(node, limits)
+        if not node.protocol.client_mode:
+            await _tell_storing_peer(node.protocol)
+    except BaseException:
+        await node.shutdown()
+        raise
     return node
 
 
-def bound_node(node: "DHTNode", limits: RecordLimits) -> None:
-    """Give ``node`` bounded storage, no cache, a bound on values it reads, and the storing peer of each store."""
-    protocol = node.protocol
-    storage = BoundedRecordStorage(limits)
-    for key, item in protocol.storage.items():  # what came before the bounds (the node just joined)
-        if isinstance(item.value, DictionaryDHTValue):
-            for subkey, entry in item.value.items():
-                storage.store_subkey(key, subkey, entry.value, entry.expiration_time)
-    protocol.storage, protocol.cache = storage, NoCache()
-    validate_dictionary, rpc_store = protocol._validate_dictionary, protocol.rpc_store
+async def _tell_storing_peer(protocol: Any) -> None:
+    """Serve ``rpc_store`` again, with the calling peer in ``_STORING_PEER`` while the storage stores.
 
-    def bounded_validate_dictionary(key: bytes, dictionary: DictionaryDHTValue) -> bool:
-        if len(dictionary.data) > limits.max_subkeys_per_key:
-            storage._warnings.warn("read", f"refusing a DHT value of more than {limits.max_subkeys_per_key} records")
-            return False
-        return validate_dictionary(key, dictionary)
+    hivemind binds its handlers when the node starts (through a wrapper that only adds an authorizer, which the
+    swarm does not use), so the handler is registered anew rather than patched."""
+    from hivemind.proto import dht_pb2
+
+    name = protocol._get_handle_name(None, "rpc_store")
+    rpc_store = protocol.rpc_store
 
     async def rpc_store_with_sender(request: Any, context: Any) -> Any:
         token = _STORING_PEER.set(context.remote_id)
@@ -225,8 +224,28 @@ def bound_node(node: "DHTNode", limits: RecordLimits) -> None:
         finally:
             _STORING_PEER.reset(token)
 
-    protocol._validate_dictionary = bounded_validate_dictionary
-    protocol.rpc_store = rpc_store_with_sender  # hivemind looks its handlers up on the protocol at each call
+    await protocol.p2p.remove_protobuf_handler(name)
+    await protocol.p2p.add_protobuf_handler(name, rpc_store_with_sender, dht_pb2.StoreRequest)
+
+
+def bound_node(node: "DHTNode", limits: RecordLimits) -> None:
+    """Give ``node`` bounded storage, no cache and a bound on the values it reads."""
+    protocol = node.protocol
+    storage = BoundedRecordStorage(limits)
+    for key, item in protocol.storage.items():  # what came before the bounds (the node just joined)
+        if isinstance(item.value, DictionaryDHTValue):
+            for subkey, entry in item.value.items():
+                storage.store_subkey(key, subkey, entry.value, entry.expiration_time)
+    protocol.storage, protocol.cache = storage, NoCache()
+    validate_dictionary = protocol._validate_dictionary
+
+    def bounded_validate_dictionary(key: bytes, dictionary: DictionaryDHTValue) -> bool:
+        if len(dictionary.data) > limits.max_subkeys_per_key:
+            storage._warnings.warn("read", f"refusing a DHT value of more than {limits.max_subkeys_per_key} records")
+            return False
+        return validate_dictionary(key, dictionary)
+
+    protocol._validate_dictionary = bounded_validate_dictionary  # looked up on the protocol at each use
 
 
 def _relayer(subkey: Any) -> Optional["PeerID"]:

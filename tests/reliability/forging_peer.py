@@ -125,7 +125,7 @@ def cheap_keys(count: int, bits: int = 512) -> list[PeerKey]:
             rsa.RSAPublicNumbers(e, p * q),
         )
         key = PeerKey.__new__(PeerKey)
-        key._private_key = numbers.private_key()
+        key._private_key = numbers.private_key(unsafe_skip_rsa_key_validation=True)  # the primes are primes
         keys.append(key)
         if len(keys) == count:
             return keys
