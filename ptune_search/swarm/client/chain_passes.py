@@ -199,7 +199,8 @@ class ChainPasses:
         self.router.on_success(span.peer_id)
         for peer in dict.fromkeys(refusers):
             self.stats["false_refusals"] += 1
-            logger.warning(f"server {peer} refused as a bad request what server {span.peer_id} answered: banned")
+            answered = "it then answered" if peer == span.peer_id else f"server {span.peer_id} answered: banned"
+            logger.warning(f"server {peer} refused as a bad request what {answered}")
 
     async def on_failure(
         self, method: str, span: RemoteSpan, failures: int, error: Exception, refusers: Optional[list] = None
