@@ -87,11 +87,10 @@ def run_bootstrap_peer(peers_file: Optional[str | Path] = None, listen: Optional
     listen = listen or ListenAddress()
 
     async def main(stop: asyncio.Event) -> None:
-        from hivemind.dht import DHTNode
-
+        from ptune_search.swarm.record_bounds import RecordLimits, join_dht
         from ptune_search.swarm.signed_records import SwarmRecordValidator
 
-        node = await DHTNode.create(host_maddrs=[listen.maddr], record_validator=SwarmRecordValidator())
+        node = await join_dht(RecordLimits(), SwarmRecordValidator(), host_maddrs=[listen.maddr])
         try:
             maddrs = [str(addr) for addr in await node.get_visible_maddrs()]
             if peers_file is not None:

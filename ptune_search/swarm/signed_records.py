@@ -41,7 +41,12 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 logger = logging.getLogger(__name__)
 MAX_REPORTED = 1024  # refused records remembered as already reported (then forgotten, so reported again)
-_SUBKEY_RE = re.compile(r"(?P<peer>[1-9A-HJ-NP-Za-km-z]{1,128})\[owner:(?P<key>ssh-rsa [A-Za-z0-9+/=]{1,4096})\]")
+MAX_PEER_ID_CHARS, MAX_OWNER_KEY_CHARS = 128, 4096
+MAX_SUBKEY_CHARS = MAX_PEER_ID_CHARS + len("[owner:ssh-rsa ]") + MAX_OWNER_KEY_CHARS
+_SUBKEY_RE = re.compile(
+    rf"(?P<peer>[1-9A-HJ-NP-Za-km-z]{{1,{MAX_PEER_ID_CHARS}}})"
+    rf"\[owner:(?P<key>ssh-rsa [A-Za-z0-9+/=]{{1,{MAX_OWNER_KEY_CHARS}}})\]"
+)
 
 
 class PeerKey(RSAPrivateKey):

@@ -3,10 +3,10 @@
 It computes every request as the real server does and answers every third one truly (so clients also send
 it backwards, which it answers with a lie); the others get the next lie of :data:`LIES`, in turn: a wrong
 shape, NaN values, a wrong dtype, an extra tensor, a tensor cut short of the parts it announced, a part that
-belongs to no tensor, a garbage buffer. The last three are framing lies of streamed responses, so its clients
-must stream (``stream_threshold=1``). Each lie is logged as ``telling lie <name> to a <forward|backward>``.
-Without ``--lie`` (and for ``dht``) it is ``python -m ptune_search.swarm``. Tests run it through
-:class:`LyingSwarm`.
+belongs to no tensor, a garbage buffer, a ``bad_request`` refusal of the good request. Three are framing
+lies of streamed responses, so its clients must stream (``stream_threshold=1``). Each lie is logged as
+``telling lie <name> to a <forward|backward>``. Without ``--lie`` (and for ``dht``) it is
+``python -m ptune_search.swarm``. Tests run it through :class:`LyingSwarm`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from hivemind.proto import runtime_pb2
 
 from ptune_search.swarm import __main__ as swarm_main
 from ptune_search.swarm.launcher import LocalSwarm
-from ptune_search.swarm.protocol import pack_metadata
+from ptune_search.swarm.protocol import ErrorKind, RequestRefused, pack_metadata
 from ptune_search.swarm.server import block_server, handlers
 from ptune_search.swarm.wire import response_messages
 
-LIES = ("shape", "nan", "dtype", "count", "truncated", "extra_part", "garbage")
+LIES = ("shape", "nan", "dtype", "count", "truncated", "extra_part", "garbage", "bad_request")
 FRAMING_LIES = frozenset({"truncated", "extra_part", "garbage"})
 logger = logging.getLogger("lying_server")
 
@@ -48,6 +48,8 @@ class LyingHandlers(handlers.BlockRPCHandlers):
         lie = LIES[LyingHandlers.told % len(LIES)]
         LyingHandlers.told += 1
         logger.warning(f"telling lie {lie} to a {kind}")
+        if lie == "bad_request":
+            raise RequestRefused(ErrorKind.BAD_REQUEST, "hidden size 63, expected 64 (a lie: the request is good)")
         if lie == "shape":
             outputs[0] = outputs[0][:, :-1]
         elif lie == "nan":

@@ -106,7 +106,8 @@ def test_forged_records_are_refused_by_every_honest_node_and_cannot_overwrite_or
     for block in (0, 1):
         for subkey in forged_subkeys.values():
             forger.store(block_uid(PREFIX, block), online(0, NUM_BLOCKS), subkey=subkey)
-    forger.store(block_uid(PREFIX, 2), "a plain value over the whole key", subkey=None, ttl=10**6)
+    # expiring after the block's records (as hivemind needs to replace them), within RecordLimits.max_ttl
+    forger.store(block_uid(PREFIX, 2), "a plain value over the whole key", subkey=None, ttl=3000)
 
     logs = honest_logs(swarm)
     for reason, subkey in forged_subkeys.items():
@@ -127,9 +128,11 @@ def test_lying_and_garbage_records_are_ignored_or_banned_and_training_equals_loc
     server_b = swarm.servers[1].peer_id
     garbage_keys = [PeerKey() for _ in GARBAGE_RECORDS]
     nowhere, forger_peer = PeerKey(), forger.key.peer_id.to_base58()
+    half = len(GARBAGE_RECORDS) // 2  # one peer relays at most RecordLimits.max_relayed_per_key records per key
     for block in range(NUM_BLOCKS):
         uid = block_uid(PREFIX, block)
-        for key, value in zip(garbage_keys, GARBAGE_RECORDS):  # (a)
+        garbage = list(zip(garbage_keys, GARBAGE_RECORDS))
+        for key, value in garbage[:half] if block < 2 else garbage[half:]:  # (a)
             assert forger.store(uid, value, subkey=key.subkey, signer=key)
         assert forger.store(uid, online(0, NUM_BLOCKS), subkey=forger.key.subkey)  # (c) a peer that serves nothing
         assert forger.store(uid, online(0, NUM_BLOCKS), subkey=nowhere.subkey, signer=nowhere)  # (c) no such peer

@@ -1,8 +1,9 @@
 """A server that answers every request with a lie (see lying_server.LIES) is that server's failure.
 
 Alone, it makes a pass fail with an error naming it. Next to an honest replica, every lie is caught by the
-client's checks (count, shape, dtype, finite values, chunk counts, buffers), the liar is banned and the hop
-retried on the replica: the trial's losses equal local blocks'.
+client's checks (count, shape, dtype, finite values, chunk counts, buffers) or, for a ``bad_request`` refusal
+of a good request, by the replica answering it; the liar is banned and the hop retried on the replica: the
+trial's losses equal local blocks'.
 """
 
 from __future__ import annotations
@@ -113,5 +114,6 @@ def test_every_lie_is_caught_and_training_with_an_honest_replica_equals_local_bl
     banned = {match for r in caplog.records for match in re.findall(r"banning server (\w+)", r.getMessage())}
     assert banned == {swarm.servers[0].peer_id}, f"banned: {banned}"
     assert stats["failed_calls"] == len(told) and stats["rerouted_backward_hops"] >= 1, (stats, told)
+    assert stats["false_refusals"] == sum(lie == "bad_request" for lie, _ in told) >= 1, (stats, told)
     print(f"{len(losses['remote'])} steps, {len(told)} lies caught, stats {stats}")
     assert max(abs(a - b) for a, b in zip(losses["remote"], losses["local"])) <= 1e-5, losses

@@ -208,12 +208,15 @@ def test_bad_request_is_refused_with_a_clear_error_and_the_server_keeps_serving(
 
 
 def test_refusal_reaches_a_model_client_as_an_exception_naming_the_server(swarm2, remote_classifier):
-    """A client whose requests are too large learns why at once, without retrying elsewhere."""
+    """A client whose requests are too large learns why once a second try is refused too (a single refusal may be
+    a liar's), and no server stays banned for it."""
     model = remote_classifier(swarm2, tuning_mode="ptune", pre_seq_len=4)
     input_ids = torch.zeros(1, MAX_TOKENS, dtype=torch.long)  # + 4 prompt positions > the 512 token limit
     with pytest.raises(RequestRefused, match="too many tokens"):
         model(input_ids=input_ids)
-    assert model.model.layers.passes.stats["failed_calls"] == 0
+    chain = model.model.layers
+    assert chain.passes.stats["failed_calls"] == 1 and chain.passes.stats["false_refusals"] == 0
+    assert not any(chain.router.is_banned(PeerID.from_base58(child.peer_id)) for child in swarm2.servers)
 
 
 def test_info_describes_the_served_blocks_and_limits(server):

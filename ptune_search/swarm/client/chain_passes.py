@@ -11,7 +11,11 @@ Backward walks the hops in reverse; each server finds the forward graph it kept 
 If a server fails, the hop's blocks are run forward again elsewhere from the hop's saved input (new hops,
 whose graphs the new servers keep) and the backward continues through them.
 
-Errors the client caused (``bad_request``) are raised at once: no other server would answer differently.
+A ``bad_request`` refusal says the client's request is at fault, so no other server would answer differently;
+but a lying server can say it to good requests. The first such refusal of a hop is treated as that server's
+failure (banned, the hop retried elsewhere): if another server answers, the refuser stays banned as a liar;
+if a second refusal comes (another server, or the same one when no other is left), the request is bad, the
+refusers' bans are lifted and the refusal is raised.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from ptune_search.swarm.protocol import BlockService, ErrorKind, RequestRefused,
 from ptune_search.swarm.wire import HALF_WIRE_DTYPES, WIRE_DTYPES, call_server
 
 if TYPE_CHECKING:
-    from hivemind.p2p import P2P
+    from hivemind.p2p import P2P, PeerID
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +59,13 @@ class Hop:
 class ChainPasses:
     def __init__(self, p2p: "P2P", router: BlockRouter, settings: ClientConfig):
         self.p2p, self.router, self.settings = p2p, router, settings
-        self.stats = {"failed_calls": 0, "rerouted_backward_hops": 0, "server_recomputes": 0, "busy_refusals": 0}
+        self.stats = {
+            "failed_calls": 0,
+            "rerouted_backward_hops": 0,
+            "server_recomputes": 0,
+            "busy_refusals": 0,
+            "false_refusals": 0,  # bad-request refusals of requests that another server then answered
+        }
         self._busy_since: Optional[float] = None  # when the current streak of busy refusals began
         self._busy_streak = 0
 
@@ -70,7 +80,7 @@ class ChainPasses:
     ) -> tuple[torch.Tensor, list[Hop]]:
         """Run blocks ``start..end-1``; ``prompts`` holds all blocks' deep prompts ``[B or 1, P * L, H]`` or None."""
         hops: list[Hop] = []
-        block, failures = start, 0
+        block, failures, refusers = start, 0, []
         while block < end:
             span = await self.router.choose_span(block, end)
             request_id = uuid.uuid4().hex
@@ -81,12 +91,11 @@ class ChainPasses:
                 if _busy(e):  # another replica, or this one later
                     await self.on_busy("forward", span, e)
                 else:
-                    failures = await self.on_failure("forward", span, failures, e)
+                    failures = await self.on_failure("forward", span, failures, e, refusers)
                 continue
-            self._busy_since = None
-            self.router.on_success(span.peer_id)
+            self.on_answer(span, refusers)
             hops.append(Hop(span, hidden, request_id))
-            hidden, block, failures = output, span.end, 0
+            hidden, block, failures, refusers = output, span.end, 0, []
         return hidden, hops
 
     async def backward(
@@ -100,7 +109,7 @@ class ChainPasses:
         hops = list(hops)
         grad_prompts = torch.zeros_like(prompts) if prompts is not None else None
         pre_seq_len = self._pre_seq_len(prompts)
-        grad, failures = grad_outputs, 0
+        grad, failures, refusers = grad_outputs, 0, []
         while hops:
             hop = hops.pop()
             span = hop.span
@@ -112,16 +121,15 @@ class ChainPasses:
                     await self.on_busy("backward", span, e)
                     hops.append(hop)
                     continue
-                failures = await self.on_failure("backward", span, failures, e)
+                failures = await self.on_failure("backward", span, failures, e, refusers)
                 self.stats["rerouted_backward_hops"] += 1
                 _, new_hops = await self.forward(hop.inputs, attention_mask, prompts, span.start, span.end, keep=True)
                 hops.extend(new_hops)
                 continue
-            self._busy_since = None
-            self.router.on_success(span.peer_id)
+            self.on_answer(span, refusers)
             if metadata.get("recomputed"):
                 self.stats["server_recomputes"] += 1
-            grad, failures = grads[0], 0
+            grad, failures, refusers = grads[0], 0, []
             if grad_prompts is not None:
                 grad_prompts[:, span.start * pre_seq_len : span.end * pre_seq_len] = grads[1]
         return grad, grad_prompts
@@ -185,19 +193,40 @@ class ChainPasses:
         delay = min(self.settings.backoff_base * 2 ** min(self._busy_streak - 1, 8), self.settings.backoff_max)
         await asyncio.sleep(delay * random.uniform(0.5, 1.5))
 
-    async def on_failure(self, method: str, span: RemoteSpan, failures: int, error: Exception) -> int:
+    def on_answer(self, span: RemoteSpan, refusers: list["PeerID"]) -> None:
+        """A server answered the hop: servers that refused it as a bad request lied, and stay banned."""
+        self._busy_since = None
+        self.router.on_success(span.peer_id)
+        for peer in dict.fromkeys(refusers):
+            self.stats["false_refusals"] += 1
+            answered = "it then answered" if peer == span.peer_id else f"server {span.peer_id} answered: banned"
+            logger.warning(f"server {peer} refused as a bad request what {answered}")
+
+    async def on_failure(
+        self, method: str, span: RemoteSpan, failures: int, error: Exception, refusers: Optional[list] = None
+    ) -> int:
         """Ban the server (drop it from routing if it cannot be dialled), raise if the retries are spent or the
-        request itself is bad, else back off (and re-read the DHT if every server of the block is banned)."""
+        request itself is bad, else back off (and re-read the DHT if every server of the block is banned).
+
+        ``refusers``: the servers that refused this hop as a bad request so far (the hop's list, kept by the
+        caller); a second refusal raises it (see the module's docstring), without it the first does."""
         if isinstance(error, RequestRefused) and error.kind == ErrorKind.BAD_REQUEST:
-            raise RequestRefused(
-                error.kind,
-                f"server {span.peer_id} refused the {method} for blocks {span.start}:{span.end}: {error.message}",
-            ) from None
+            if refusers is None or refusers:
+                for peer in refusers or ():
+                    self.router.on_success(peer)  # the request was bad: they told the truth
+                raise RequestRefused(
+                    error.kind,
+                    f"server {span.peer_id} refused the {method} for blocks {span.start}:{span.end}: {error.message}",
+                ) from None
+            refusers.append(span.peer_id)
         self.stats["failed_calls"] += 1
-        failures += 1
         self.router.ban(span.peer_id)
-        if peer_unreachable(error):
+        if await peer_unreachable(self.p2p, span.peer_id, error):
+            # a certain verdict on that peer, found at once: no retry spent, no wait (records of peers that
+            # never were online, e.g. a flood's, cost one failed dial each)
             self.router.mark_unreachable(span.peer_id)
+            return failures
+        failures += 1
         if failures > self.settings.max_retries:
             raise SwarmRequestError(
                 f"no server could run block {self.router.uids[span.start]}: {method} through blocks "

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Optional, Sequence, TypeVar
 
 if TYPE_CHECKING:
     from hivemind.dht import DHTNode
-    from hivemind.p2p import P2P
+    from hivemind.p2p import P2P, PeerID
 
 T = TypeVar("T")
 
@@ -31,8 +31,7 @@ class SwarmConnection:
     def __init__(self, initial_peers: Sequence[str], *, startup_timeout: float = 60.0):
         if not initial_peers:
             raise ValueError("initial_peers is empty: pass the multiaddrs of a bootstrap peer of the swarm")
-        from hivemind.dht import DHTNode
-
+        from ptune_search.swarm.record_bounds import RecordLimits, join_dht
         from ptune_search.swarm.signed_records import SwarmRecordValidator
 
         self.initial_peers = list(initial_peers)
@@ -41,11 +40,12 @@ class SwarmConnection:
         self._thread.start()
         try:
             self.node: "DHTNode" = self.run(
-                DHTNode.create(
+                join_dht(
+                    RecordLimits(),  # refuses values of more records than an honest node holds
+                    SwarmRecordValidator(),  # drops unsigned and forged records it finds
                     initial_peers=self.initial_peers,
                     client_mode=True,
                     host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                    record_validator=SwarmRecordValidator(),  # drops unsigned and forged records it finds
                 ),
                 timeout=startup_timeout,
             )
@@ -88,11 +88,24 @@ class SwarmConnection:
         self.close()
 
 
-def peer_unreachable(error: BaseException) -> bool:
-    """Whether a call failed because the peer could not be dialled at all (its p2p daemon is gone)."""
+async def peer_unreachable(p2p: "P2P", peer_id: "PeerID", error: BaseException) -> bool:
+    """Whether a call to ``peer_id`` failed because the peer cannot be reached at all (its p2p daemon is gone).
+
+    Decided from structure, not from the daemon's words: our p2p daemon itself failed the call (a
+    ``P2PDaemonError``: it could not open a stream; an error of the peer's handler is a ``P2PHandlerError``,
+    a timeout a ``TimeoutError``) and it holds no connection to the peer. A live peer that refuses the
+    protocol, or a slow one, keeps its connection, so it is only banned; a killed one has none, and a dial
+    to it fails at once.
+    """
     from hivemind.p2p import P2PDaemonError
 
-    return isinstance(error, P2PDaemonError) and "failed to dial" in str(error)
+    if not isinstance(error, P2PDaemonError):
+        return False
+    try:
+        connected = await p2p.list_peers()
+    except Exception:  # noqa: BLE001 - our own daemon failing says nothing about the peer
+        return False
+    return all(info.peer_id != peer_id for info in connected)
 
 
 def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, node: "DHTNode") -> None:

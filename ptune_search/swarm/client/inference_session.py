@@ -6,10 +6,10 @@ server keeps the span's attention caches. A step sends each server only the new 
 (and, while the positions reach into the prompt prefix, that span's deep prompts) and passes its output on.
 
 Each server session remembers the inputs it was sent. When a server fails (it died, timed out, answered
-wrongly, or refused with anything but ``bad_request``), the client bans it as a forward would, opens
-sessions for its blocks on other servers and replays those inputs to them in one step, rebuilding their
-caches; then the step goes on. The replayed caches hold what the lost one held, so the output does not
-change (up to float rounding of a longer step).
+wrongly, refused with anything but ``bad_request``, or refused with ``bad_request`` what another server then
+answers), the client bans it as a forward would, opens sessions for its blocks on other servers and replays
+those inputs to them in one step, rebuilding their caches; then the step goes on. The replayed caches hold
+what the lost one held, so the output does not change (up to float rounding of a longer step).
 
 Example::
 
@@ -245,7 +245,7 @@ class RemoteInferenceSession:
 
     async def _step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self._masks.append(mask)
-        block, index, failures = 0, 0, 0
+        block, index, failures, refusers = 0, 0, 0, []
         while block < self.router.num_blocks:
             if index == len(self.servers) or self.servers[index].span.start != block:
                 end = self.servers[index].span.start if index < len(self.servers) else self.router.num_blocks
@@ -253,7 +253,7 @@ class RemoteInferenceSession:
                 try:
                     self.servers.insert(index, await self._open(span, end))
                 except Exception as e:
-                    failures = await self._on_error(span, failures, e)
+                    failures = await self._on_error(span, failures, e, refusers)
                 continue
             server = self.servers[index]
             try:
@@ -262,10 +262,10 @@ class RemoteInferenceSession:
                 del self.servers[index]
                 self._lost_inputs[block] = server.inputs
                 await server.close()
-                failures = await self._on_error(server.span, failures, e)
+                failures = await self._on_error(server.span, failures, e, refusers)
                 continue
-            self.router.on_success(server.span.peer_id)
-            hidden, block, index, failures = output, server.span.end, index + 1, 0
+            self.passes.on_answer(server.span, refusers)
+            hidden, block, index, failures, refusers = output, server.span.end, index + 1, 0, []
         return hidden
 
     async def _open(self, span: RemoteSpan, end: int) -> ServerSession:
@@ -295,13 +295,13 @@ class RemoteInferenceSession:
             self._lost_inputs[span.end] = [output]
         return server
 
-    async def _on_error(self, span: RemoteSpan, failures: int, error: Exception) -> int:
+    async def _on_error(self, span: RemoteSpan, failures: int, error: Exception, refusers: list) -> int:
         """Back off when the server is busy, else ban it and count the failure, as a forward does (raises
-        when the request is bad or the retries are spent)."""
+        when a second server refuses the request as bad or the retries are spent)."""
         if isinstance(error, RequestRefused) and error.kind == ErrorKind.BUSY:
             await self.passes.on_busy("inference", span, error)
             return failures
-        return await self.passes.on_failure("inference", span, failures, error)
+        return await self.passes.on_failure("inference", span, failures, error, refusers)
 
     def _span_prompts(self, span: RemoteSpan, position: int) -> Optional[torch.Tensor]:
         if self._prompts is None or position >= self.pre_seq_len:

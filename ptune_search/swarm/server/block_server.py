@@ -37,6 +37,7 @@ from ptune_search.swarm.protocol import (
     block_uids,
     model_prefix,
 )
+from ptune_search.swarm.record_bounds import RecordLimits, join_dht
 from ptune_search.swarm.server.activation_cache import ActivationCache
 from ptune_search.swarm.server.admission import InflightBudget
 from ptune_search.swarm.server.announcer import ServerAnnouncer
@@ -127,23 +128,22 @@ class BlockServer:
 
     async def _join(self) -> tuple[PeerKey, "DHTNode"]:
         """Join the DHT with the server's key as its p2p identity and record signer (see signed_records)."""
-        from hivemind.dht import DHTNode
-
         settings = self.settings
         options = dict(initial_peers=self.initial_peers, host_maddrs=[settings.listen.maddr])
         if settings.identity_file is not None:
             key = PeerKey.load_or_create(settings.identity_file)
-            node = await DHTNode.create(
-                **options, record_validator=SwarmRecordValidator(key), identity_path=str(settings.identity_file)
+            node = await join_dht(
+                RecordLimits(), SwarmRecordValidator(key), **options, identity_path=str(settings.identity_file)
             )
             return key, node
         key = PeerKey()
         with tempfile.TemporaryDirectory(prefix="ptune-server-") as folder:  # p2pd reads it once, at start
             identity = Path(folder) / "identity"
             key.write_identity(identity)
-            node = await DHTNode.create(
+            node = await join_dht(
+                RecordLimits(),
+                SwarmRecordValidator(key),
                 **options,
-                record_validator=SwarmRecordValidator(key),
                 identity_path=str(identity),
                 check_if_identity_free=False,
             )
