@@ -50,6 +50,7 @@ class ErrorKind(str, enum.Enum):
     UNKNOWN_BLOCK = "unknown_block"  # this server does not (or no longer) serve a requested block
     BUSY = "busy"  # queue full: try another replica or later
     INTERNAL = "internal"  # the server failed while computing
+    SESSION_EXPIRED = "session_expired"  # no step came within the inference session's timeout: its cache is gone
 
 
 class RequestRefused(Exception):

@@ -7,7 +7,7 @@ server keeps the span's attention caches. A step sends each server only the new 
 
 Each server session remembers the inputs it was sent. When a server fails (it died, timed out, answered
 wrongly, refused with anything but ``bad_request``, or refused with ``bad_request`` what another server then
-answers), the client bans it as a forward would, opens sessions for its blocks on other servers and replays
+answers, or said the session expired sooner than its timeout), the client bans it as a forward would, opens sessions for its blocks on other servers and replays
 those inputs to them in one step, rebuilding their caches; then the step goes on. The replayed caches hold
 what the lost one held, so the output does not change (up to float rounding of a longer step).
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Optional
 
 import torch
@@ -78,6 +79,7 @@ class ServerSession:
         self.wire_dtype, self.timeout = wire_dtype, timeout
         self.position = 0
         self.inputs: list[torch.Tensor] = []  # hidden states of every step so far, for a replay elsewhere
+        self.answered_at = time.monotonic()  # opened, or its last step answered
 
     @classmethod
     async def open(
@@ -124,6 +126,7 @@ class ServerSession:
         check_outputs(str(self.span.peer_id), "inference step", [output], [tensors[0]])
         self.inputs.append(hidden)
         self.position += hidden.shape[1]
+        self.answered_at = time.monotonic()
         return output.to(hidden.dtype)
 
     async def _answer(self, receiving: Awaitable[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -262,6 +265,8 @@ class RemoteInferenceSession:
                 del self.servers[index]
                 self._lost_inputs[block] = server.inputs
                 await server.close()
+                if self._really_expired(server, e):
+                    raise RequestRefused(e.kind, f"server {server.span.peer_id}: {e.message}") from None
                 failures = await self._on_error(server.span, failures, e, refusers)
                 continue
             self.passes.on_answer(server.span, refusers)
@@ -302,6 +307,13 @@ class RemoteInferenceSession:
             await self.passes.on_busy("inference", span, error)
             return failures
         return await self.passes.on_failure("inference", span, failures, error, refusers)
+
+    def _really_expired(self, server: ServerSession, error: Exception) -> bool:
+        """The server says the session expired, and the client did leave it idle that long: the client's own
+        doing, raised. A server that claims it sooner is failing (or lying), and is replaced like one."""
+        if not (isinstance(error, RequestRefused) and error.kind == ErrorKind.SESSION_EXPIRED):
+            return False
+        return time.monotonic() - server.answered_at >= self.settings.session_timeout
 
     def _span_prompts(self, span: RemoteSpan, position: int) -> Optional[torch.Tensor]:
         if self._prompts is None or position >= self.pre_seq_len:

@@ -50,10 +50,11 @@ logger = logging.getLogger(__name__)
 
 
 class SessionExpired(RequestRefused):
-    """No step came within the session's timeout: the client sees a ``bad_request`` naming the expiry."""
+    """No step came within the session's timeout: the client's own doing, which no other server would answer
+    differently, and no lie (see ``RemoteInferenceSession``)."""
 
     def __init__(self, message: str):
-        super().__init__(ErrorKind.BAD_REQUEST, message)
+        super().__init__(ErrorKind.SESSION_EXPIRED, message)
 
     def __reduce__(self) -> tuple:
         return type(self), (self.message,)
