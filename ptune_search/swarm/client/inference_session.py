@@ -7,9 +7,10 @@ server keeps the span's attention caches. A step sends each server only the new 
 
 Each server session remembers the inputs it was sent. When a server fails (it died, timed out, answered
 wrongly, refused with anything but ``bad_request``, or refused with ``bad_request`` what another server then
-answers, or said the session expired sooner than its timeout), the client bans it as a forward would, opens sessions for its blocks on other servers and replays
-those inputs to them in one step, rebuilding their caches; then the step goes on. The replayed caches hold
-what the lost one held, so the output does not change (up to float rounding of a longer step).
+answers, or said the session expired sooner than its timeout), the client bans it as a forward would, opens
+sessions for its blocks on other servers and replays those inputs to them in one step, rebuilding their
+caches; then the step goes on. The replayed caches hold what the lost one held, so the output does not change
+(up to float rounding of a longer step).
 
 Example::
 
