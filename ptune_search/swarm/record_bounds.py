@@ -21,10 +21,10 @@ a :class:`RecordLimits`:
 Records relayed by an honest peer (hivemind hands its records to a node that joins) are capped like any
 other relay; the servers store their records first-hand at the next refresh (``record_ttl / 3``).
 
-Example::
+A node joins with ``await join_dht(limits, validator, initial_peers=..., host_maddrs=...)``; what it may hold
+at most follows from its limits alone. Example::
 
     limits = RecordLimits()
-    node = await join_dht(limits, SwarmRecordValidator(key), initial_peers=peers, host_maddrs=maddrs)
     assert limits.memory_bound() < 64 * 1024**2
 """
 

@@ -225,6 +225,7 @@ class ChainPasses:
             # a certain verdict on that peer, found at once: no retry spent, no wait (records of peers that
             # never were online, e.g. a flood's, cost one failed dial each)
             self.router.mark_unreachable(span.peer_id)
+            logger.warning(f"{method} via {span} failed ({type(error).__name__}: {error}); the peer is unreachable")
             return failures
         failures += 1
         if failures > self.settings.max_retries:
