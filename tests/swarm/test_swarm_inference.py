@@ -93,6 +93,7 @@ def test_a_session_reserves_its_cache_until_closed(swarm2, causal_lm):
         assert eventually(
             lambda: all(s["open"] == 0 and s["reserved_bytes"] == 0 for s in sessions_of(observer, swarm2))
         )
+        assert all(s["ended"].get("closed", 0) >= 1 for s in sessions_of(observer, swarm2))  # not "disconnected"
 
 
 def test_a_session_is_freed_when_its_client_disconnects(swarm2, causal_lm):

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from ptune_search.swarm.client.connection import SwarmConnection
 
 PROBE_PERIOD = 1.0  # seconds a step's answer may be late before the server is checked to be alive
+CLOSE_WAIT_S = 2.0  # a closing session waits this long at most for each server to end its side
 
 
 class ServerSession:
@@ -175,10 +176,16 @@ class ServerSession:
             received += 1
         return assembler.tensors()
 
-    async def close(self) -> None:
-        """End the stream: the server frees the session's cache."""
+    async def close(self, wait_s: float = 0.0) -> None:
+        """End the stream: the server frees the session's cache. With ``wait_s``, wait that long at most for the
+        server to end its side, so it sees a close and not a dropped connection (a failed server is not waited
+        for)."""
         self._outbox.put_nowait(None)
         with contextlib.suppress(Exception):
+            if wait_s > 0:
+                async with asyncio.timeout(wait_s):
+                    async for _ in self._responses:
+                        pass
             await self._responses.aclose()
 
 
@@ -328,7 +335,7 @@ class RemoteInferenceSession:
 
     async def _close(self) -> None:
         servers, self.servers = self.servers, []
-        await asyncio.gather(*(server.close() for server in servers))
+        await asyncio.gather(*(server.close(wait_s=CLOSE_WAIT_S) for server in servers))
 
 
 def _shared_rows(deep_prompts: torch.Tensor) -> torch.Tensor:
