@@ -45,6 +45,8 @@ def describe_error(detail: Mapping[str, Any], root: type[BaseModel]) -> str:
     loc, kind, value = tuple(detail["loc"]), detail["type"], detail.get("input")
     ctx = detail.get("ctx") or {}
     error = ctx.get("error")
+    if kind == "string_unicode" and isinstance(value, str):  # a key that is not valid text, reported at its parent
+        loc, kind = (*loc, value), "invalid_key"
     if isinstance(error, RuleBroken):
         section = dotted(loc)
         prefix = f"{section}." if section else ""

@@ -140,6 +140,11 @@ def test_unknown_nested_field_lists_its_section() -> None:
     assert message.startswith("search_space.lr.middle: unknown field; allowed: low, high")
 
 
+def test_a_field_name_that_is_not_valid_text_is_named_as_an_unknown_field() -> None:
+    message = error_of("budget.\udfff=1")  # a lone surrogate: pydantic reports it at its section, as a string error
+    assert message.startswith("budget.\udfff: unknown field; allowed: num_samples, max_steps")
+
+
 def test_negative_pre_seq_len() -> None:
     message = error_of("search_space.pre_seq_len.low=-3")
     assert message == "search_space.pre_seq_len.low: -3 is not allowed: must be >= 1"
