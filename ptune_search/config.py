@@ -151,7 +151,10 @@ class SwarmConfig(_Section):
     def _servers_fill_replicas(self) -> SwarmConfig:
         problem = replica_layout_problem(self.servers, self.replicas)
         if self.mode != "external" and problem:
-            raise RuleBroken(("servers",), f"{self.servers} is not allowed: {{section}}{problem}")
+            # Names both fields: a user who changed either one reads what to change back.
+            raise RuleBroken(
+                ("servers",), f"{self.servers} is not allowed with {{section}}replicas={self.replicas}: {problem}"
+            )
         return self
 
     @model_validator(mode="after")
