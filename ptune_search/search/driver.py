@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 from typing import Any, Optional
 
@@ -14,7 +16,7 @@ from ptune_search.data import TEXT_SLOT, TaskData, TaskSplits, tokenize_task
 from ptune_search.models.label_words import label_word_tokens, label_words
 from ptune_search.search.console import library_logs_to_file
 from ptune_search.search.disk_space import full_disk_reported
-from ptune_search.search.held_out import add_test_figures
+from ptune_search.search.held_out import HeldOutTests, LeadingTrialTests
 from ptune_search.search.lifecycle import SearchRecords, configure_libraries, ray_and_swarm, write_config
 from ptune_search.search.preflight import CheckedSearch, check_search, task_spec
 from ptune_search.search.progress import SearchProgress
@@ -29,7 +31,7 @@ from ptune_search.search.report import (
     write_search_report,
 )
 from ptune_search.search.sweep_outcome import SweepOutcome, sweep_outcome
-from ptune_search.search.tracking.records import how_to_open_runs
+from ptune_search.search.tracking.records import MlflowTrialCallback, how_to_open_runs
 from ptune_search.search.tracking.task_dataset import task_dataset_inputs
 from ptune_search.search.trial import TrialSettings
 from ptune_search.search.trial_actors import TrialActors
@@ -62,6 +64,14 @@ def run_search(config: ExperimentConfig, address: Optional[str] = None, resume: 
 
 def run_checked_search(checked: CheckedSearch, address: Optional[str] = None) -> SearchOutcome:
     """Run a search whose inputs ``check_search`` has already checked (the CLI checks before this import)."""
+    # The task is tokenized while Ray and the swarm start: the trials need it only once those are up.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
+        inputs = pool.submit(_trial_inputs, checked)
+        with full_disk_reported(checked.disk):
+            return _run_search(checked.config, checked.model_path, checked.splits, inputs, address, checked.resume)
+
+
+def _trial_inputs(checked: CheckedSearch) -> TrialInputs:
     config = checked.config
     tokenizer = AutoTokenizer.from_pretrained(checked.model_path)
     template, max_length = config.search_space.template, config.task.max_length
@@ -70,35 +80,38 @@ def run_checked_search(checked: CheckedSearch, address: Optional[str] = None) ->
     words = None
     if "label_words" in config.search_space.heads:
         words = tuple(label_word_tokens(tokenizer, label_words(data.label_names, config.task.label_words)))
-    inputs = TrialInputs(checked.splits, data, bare, words)
-    with full_disk_reported(checked.disk):
-        return _run_search(config, checked.model_path, inputs, address, checked.resume)
+    return TrialInputs(data, bare, words)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrialInputs:
-    """What the driver prepares once for every trial: the task's splits, tokenized (with the template, and
+    """What the driver prepares once for every trial: the task's splits tokenized (with the template, and
     without it for the baseline when there is one), and the label words' tokens (None unless a label-words head
     is searched)."""
 
-    splits: TaskSplits
     task: TaskData
     bare_task: Optional[TaskData]
     label_word_tokens: Optional[tuple[int, ...]]
 
 
 def _run_search(
-    config: ExperimentConfig, model_path: str, inputs: TrialInputs, address: Optional[str], resume: bool
+    config: ExperimentConfig,
+    model_path: str,
+    splits: TaskSplits,
+    tokenized: concurrent.futures.Future[TrialInputs],
+    address: Optional[str],
+    resume: bool,
 ) -> SearchOutcome:
     configure_libraries()
     config_file = write_config(config, resume)
     progress = SearchProgress.start(config.budget.max_steps)
-    datasets = task_dataset_inputs(task_spec(config), inputs.splits, config.seed)
+    datasets = task_dataset_inputs(task_spec(config), splits, config.seed)
     with library_logs_to_file(config.output_dir) as log_file, SearchRecords.open(config) as records:
         print(f"Searching {config.model} on {config.task.name}; logs of Ray and the libraries: {log_file}", flush=True)
         # Trial actors end first (quietly, see TrialActors), then the swarm they use, then Ray.
         with records.aborted_on_failure(), ray_and_swarm(config, model_path, address) as initial_peers:
             with TrialActors.of_this_driver():
+                inputs = tokenized.result()
                 settings = _trial_settings(config, model_path, inputs, initial_peers)
                 parent_run_id = records.start_parent(config_file, datasets)
                 # The head sweeps first: the baseline, and the head every trial starts from.
@@ -106,17 +119,39 @@ def _run_search(
                 sweep_grid = fit_head_sweeps(config, settings, callback, progress, resume)
                 sweeps = sweep_outcome(sweep_grid, METRIC, config.baseline)
                 settings = dataclasses.replace(settings, start_head=sweeps.start_head, head_lr=sweeps.head_lr)
-                grid = fit_trials(config, settings, records.trial_callback(parent_run_id, datasets), progress, resume)
-                rows = trial_rows(grid, METRIC)
-                best = best_finished_trial(rows, METRIC)
-                tested = [row for row in (best, sweeps.baseline, sweeps.start_row) if row is not None]
-                if inputs.task.test is not None:
-                    checkpoints = {**sweeps.checkpoints, **final_checkpoints(grid)}
-                    add_test_figures(settings, tested, checkpoints, config.resources.cpu)
-        report = _write_report(config, grid, rows, best, sweeps)
-        records.finish(parent_run_id, best["trial_id"], tested, report)
+                callback = records.trial_callback(parent_run_id, datasets)
+                has_test = inputs.task.test is not None
+                grid, rows, best = _fit_trials_tested(config, settings, sweeps, callback, progress, resume, has_test)
+            # Written and sent while the swarm and Ray stop.
+            report = _write_report(config, grid, rows, best, sweeps)
+            tested = [row for row in (best, sweeps.baseline, sweeps.start_row) if row is not None]
+            records.finish(parent_run_id, best["trial_id"], tested, report)
+        records.deliver()
         print(how_to_open_runs(config.tracking_uri, records.tracker.experiment_id))
     return SearchOutcome(best, sweeps.baseline, rows, parent_run_id, sweeps.start_row)
+
+
+def _fit_trials_tested(
+    config: ExperimentConfig,
+    settings: TrialSettings,
+    sweeps: SweepOutcome,
+    callback: MlflowTrialCallback,
+    progress: SearchProgress,
+    resume: bool,
+    test: bool,
+) -> tuple[tune.ResultGrid, list[dict[str, Any]], dict[str, Any]]:
+    """The trials, their rows and the best; with ``test``, the best's and the sweeps' rows get their held-out
+    figures. The tests run beside the trials: the sweeps' from the start, a trial's once it may be the best."""
+    swept = [row for row in (sweeps.baseline, sweeps.start_row) if row is not None]
+    with HeldOutTests(settings) if test else contextlib.nullcontext() as tests:
+        for row in swept if tests is not None else []:
+            tests.start(row["trial_id"], *sweeps.checkpoints[row["trial_id"]])
+        grid = fit_trials(config, settings, callback, progress, resume, [LeadingTrialTests(tests, METRIC)])
+        rows = trial_rows(grid, METRIC)
+        best = best_finished_trial(rows, METRIC)
+        if tests is not None:
+            tests.add_figures([best, *swept], {**sweeps.checkpoints, **final_checkpoints(grid)})
+    return grid, rows, best
 
 
 def _write_report(

@@ -1,23 +1,26 @@
 """The held-out figure: a finished trial's final prompt and head, evaluated once on the test split.
 
-Selection (the best trial, ASHA, Optuna) only ever sees validation; the test split is read here, after the
-search, for the chosen trial and the baseline, so their test accuracies are free of selection bias. The
-evaluation runs as a Ray task next to the trials (it needs the swarm, not the driver's cores).
+Selection (the best trial, ASHA, Optuna) only ever sees validation; the test split is read here, for the
+chosen trial and the baseline only, so their test accuracies are free of selection bias. A trial's test starts
+as soon as it may be the one chosen, so most tests end while other trials still train.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import ray
 import torch
 from ray import tune
+from ray.tune.experiment import Trial
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ptune_search.models.prompt_folder import HEAD_FILE, PROMPT_FILE
+from ptune_search.models.ptune import PTuneConfig
+from ptune_search.search.report import best_finished_trial
 from ptune_search.search.trial import TrialSettings, build_classifier, ptune_config_of
 from ptune_search.training.steps import evaluate
 
@@ -28,54 +31,103 @@ class TestFigures:
     loss: float
 
 
-def add_test_figures(
-    settings: TrialSettings,
-    rows: list[dict[str, Any]],
-    checkpoints: dict[str, tuple[dict[str, Any], tune.Checkpoint]],
-    cpus: float,
-) -> None:
-    """Each row's ``test_accuracy`` and ``test_loss``, from its trial's final checkpoint."""
-    figures = evaluate_checkpoints_on_test(
-        settings, {row["trial_id"]: checkpoints[row["trial_id"]] for row in rows}, cpus
-    )
-    for row in rows:
-        row["test_accuracy"] = figures[row["trial_id"]].accuracy
-        row["test_loss"] = figures[row["trial_id"]].loss
+class HeldOutTests:
+    """Held-out evaluations, each started as soon as its trial is known to need one, so that they run while
+    other trials train: the head sweeps' rows when the sweeps end, and a trial that finishes its budget ahead
+    of every trial finished before it (``LeadingTrialTests``). ``add_figures`` starts what is still missing (a
+    resumed run's best) and waits.
 
+    One actor evaluates them all, in turn: it joins the swarm and reads the frozen weights once, when the
+    trials start, so the test of the search's best does not wait for a new process. It asks for no CPU (a
+    task queued behind Tune's trials would start only when they end). The driver reads the (small) prompt and
+    head tensors, so the actor may run on any node of a cluster.
 
-def evaluate_checkpoints_on_test(
-    settings: TrialSettings, trials: dict[str, tuple[dict[str, Any], tune.Checkpoint]], cpus: float
-) -> dict[str, TestFigures]:
-    """``trials`` maps a trial id to its Tune config and final checkpoint; all are evaluated at once.
+    Example::
 
-    The driver reads the (small) prompt and head tensors, so the task may run on any node of a cluster.
+        with HeldOutTests(settings) as tests:
+            tests.start(trial_id, config, checkpoint)   # returns at once
+            tests.add_figures(rows, checkpoints)        # each row gets test_accuracy and test_loss
     """
-    task = ray.remote(num_cpus=cpus)(_evaluate_on_test)
-    pending = {}
-    for trial_id, (config, checkpoint) in trials.items():
+
+    def __init__(self, settings: TrialSettings):
+        self._tester = _Tester.remote(settings)  # type: ignore[attr-defined]
+        self._pending: dict[str, ray.ObjectRef] = {}
+
+    def __enter__(self) -> "HeldOutTests":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """The actor leaves the swarm before the swarm stops."""
+        ray.get(self._tester.close.remote())
+        ray.kill(self._tester)
+
+    def start(self, trial_id: str, config: dict[str, Any], checkpoint: tune.Checkpoint) -> None:
+        if trial_id in self._pending:
+            return
         with checkpoint.as_directory() as folder:
             tensors = {**load_file(Path(folder) / PROMPT_FILE), **load_file(Path(folder) / HEAD_FILE)}
-        pending[trial_id] = task.remote(settings, config, tensors)
-    return {trial_id: ray.get(ref) for trial_id, ref in pending.items()}
+        self._pending[trial_id] = self._tester.evaluate.remote(config, tensors)
+
+    def add_figures(
+        self, rows: list[dict[str, Any]], checkpoints: dict[str, tuple[dict[str, Any], tune.Checkpoint]]
+    ) -> None:
+        """Each row's ``test_accuracy`` and ``test_loss``, from its trial's final checkpoint."""
+        for row in rows:
+            self.start(row["trial_id"], *checkpoints[row["trial_id"]])
+        for row in rows:
+            figures = ray.get(self._pending[row["trial_id"]])
+            row["test_accuracy"], row["test_loss"] = figures.accuracy, figures.loss
 
 
-def _evaluate_on_test(settings: TrialSettings, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TestFigures:
-    torch.set_num_threads(1)
-    test = settings.task_of(config).test
-    assert test is not None  # the driver asks only when the task has a test split
-    tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
-    model = build_classifier(
-        settings.model_path,
-        settings.task.num_labels,
-        tokenizer.pad_token_id,
-        ptune_config_of(config),
-        settings.swarm,
-    )
-    try:
-        unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
+class LeadingTrialTests(tune.Callback):
+    """Starts the held-out test of each trial that finishes its budget ahead of those finished before it (the
+    order ``best_finished_trial`` ranks by): the search's best is then usually tested before its last trial
+    ends. A lead that a later trial takes costs one evaluation that nobody reads.
+
+    Tune stores its callbacks with the run; a stored copy starts nothing (its actor belongs to the driver
+    that stored it), and a resumed search tests its best at the end."""
+
+    def __init__(self, tests: Optional[HeldOutTests], metric: str):
+        self.tests, self.metric = tests, metric
+        self._finished: list[dict[str, Any]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "tests": None}
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        result = trial.last_result or {}
+        if self.tests is None or not result.get("finished") or result.get(self.metric) is None:
+            return
+        trial_id = result.get("trial_id", trial.trial_id)
+        row = {"trial_id": trial_id, "status": "finished", self.metric: result[self.metric]}
+        row["val_loss"] = result.get("val_loss")
+        self._finished.append(row)
+        if best_finished_trial(self._finished, self.metric) is row and trial.checkpoint is not None:
+            self.tests.start(trial_id, trial.config, trial.checkpoint)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class _Tester:
+    """The held-out evaluator: one classifier, rebuilt for each trial's prompt settings (as a reused trial
+    actor is), on one swarm connection."""
+
+    def __init__(self, settings: TrialSettings):
+        torch.set_num_threads(1)
+        self.settings = settings
+        tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+        self.model = build_classifier(
+            settings.model_path, settings.task.num_labels, tokenizer.pad_token_id, PTuneConfig(), settings.swarm
+        )
+
+    def evaluate(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TestFigures:
+        test = self.settings.task_of(config).test
+        assert test is not None  # the driver asks only when the task has a test split
+        self.model = self.model.rebuilt(**dataclasses.asdict(ptune_config_of(config)))
+        unexpected = self.model.load_state_dict(tensors, strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"the final checkpoint holds tensors the model lacks: {unexpected}")
-        evaluation = evaluate(model, test, settings.eval_batch_size)
-    finally:
-        model.close()
-    return TestFigures(accuracy=evaluation.accuracy, loss=evaluation.loss)
+        evaluation = evaluate(self.model, test, self.settings.eval_batch_size)
+        return TestFigures(accuracy=evaluation.accuracy, loss=evaluation.loss)
+
+    def close(self) -> None:
+        self.model.close()

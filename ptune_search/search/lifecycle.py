@@ -111,8 +111,8 @@ class SearchRecords:
     def finish(
         self, parent_run_id: str, best_trial_id: str, tested: list[dict[str, Any]], report: SearchReport
     ) -> None:
-        """Register the best trial's prompt, close the parent run with the summary and the report's files, and
-        wait for the store to take it all."""
+        """Register the best trial's prompt and close the parent run with the summary and the report's files;
+        ``deliver`` waits for the store to take it (the sender starts at once, while Ray and the swarm stop)."""
         now = int(time.time() * 1000)
         trial_metrics = {
             row["trial_id"]: {key: [row[key], now] for key in HELD_OUT_METRICS if row.get(key) is not None}
@@ -133,7 +133,6 @@ class SearchRecords:
             "trial_metrics": trial_metrics,
         }
         self.outbox.append("finish_parent", finish, report.files)
-        self.deliver()
 
     def deliver(self) -> None:
         """Wait for the store to take the outbox; if it stays down, stop, keeping the outbox for ``--resume``."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import optuna
 from ray import tune
@@ -42,8 +42,10 @@ def fit_trials(
     callback: MlflowTrialCallback,
     progress: SearchProgress,
     resume: bool,
+    watchers: Sequence[tune.Callback] = (),
 ) -> tune.ResultGrid:
-    """The prompt-tuning trials: proposed in order by Optuna, stopped at ASHA's rungs."""
+    """The prompt-tuning trials: proposed in order by Optuna, stopped at ASHA's rungs; ``watchers`` are more
+    Tune callbacks (they see results after the MLflow callback and the progress view)."""
     run_path = Path(config.output_dir / "ray") / SEARCH_NAME
     trainable = _trainable(config, settings)
     if resume and tune.Tuner.can_restore(str(run_path)):
@@ -73,7 +75,7 @@ def fit_trials(
             max_concurrent_trials=budget.max_concurrent_trials,
             reuse_actors=True,  # a trial actor takes the next trial: no new process, no new swarm join
         ),
-        run_config=_run_config(config, SEARCH_NAME, callback, progress, settings),
+        run_config=_run_config(config, SEARCH_NAME, callback, progress, settings, watchers),
     )
     try:
         return tuner.fit()
@@ -135,13 +137,14 @@ def _run_config(
     callback: MlflowTrialCallback,
     progress: SearchProgress,
     settings: TrialSettings,
+    watchers: Sequence[tune.Callback] = (),
 ) -> tune.RunConfig:
     disk = OutputDisk.for_search(config, settings.model_path)
     return tune.RunConfig(
         name=name,
         storage_path=str(config.output_dir / "ray"),
         # The watch last: the result that crossed the line is recorded, and everything sees the experiment end.
-        callbacks=[callback, TrialActors.of_this_driver(), progress, FreeSpaceWatch(disk)],
+        callbacks=[callback, TrialActors.of_this_driver(), progress, *watchers, FreeSpaceWatch(disk)],
         checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, checkpoint_at_end=True),
         failure_config=tune.FailureConfig(max_failures=config.budget.max_failures),
         verbose=0,  # the search prints its own progress (SearchProgress); Tune's tables go to the log file
