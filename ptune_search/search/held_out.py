@@ -61,6 +61,11 @@ class HeldOutTests:
         ray.get(self._tester.close.remote())
         ray.kill(self._tester)
 
+    @property
+    def started(self) -> list[str]:
+        """The trials whose tests have started, in that order."""
+        return list(self._pending)
+
     def start(self, trial_id: str, config: dict[str, Any], checkpoint: tune.Checkpoint) -> None:
         if trial_id in self._pending:
             return
