@@ -163,7 +163,8 @@ def throughput(path: Path, peers: list[str], clients: int, mode: str, steps: int
             process.join(60 if len(spans) == clients else 0)
             if process.is_alive():
                 process.terminate()
-    wall = max(end for _, end in spans) - min(start for start, _ in spans)
+    window = (min(start for start, _ in spans), max(end for _, end in spans))
+    wall = window[1] - window[0]
     tokens = clients * steps * BATCH * LENGTH
     return {
         "benchmark": "swarm_throughput",
@@ -175,6 +176,7 @@ def throughput(path: Path, peers: list[str], clients: int, mode: str, steps: int
         "tokens_per_s": round(tokens / wall, 1),
         "client_threads": threads,
         "load_avg_1m": round(os.getloadavg()[0], 2),
+        "window_perf_counter_s": window,  # first measured step to last, on this host's perf_counter
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -90,6 +91,20 @@ def test_swarm_step_compares_local_and_swarm_steps_and_measures_concurrent_clien
     assert set(summary["median_tokens_per_s"]) == {"1", "2"}
     assert_positive(summary["median_tokens_per_s"], "1", "2")
     assert_positive(summary, "ratio_2_to_1_clients")
+
+
+def test_core_use_splits_the_cores_by_role_while_clients_train(tmp_path):
+    args = ["--model", "tiny-llama", "--clients", "1", "2", "--steps", "40"]
+    records = run_benchmark("core_use", args, tmp_path)
+    uses = of(records, "core_use")
+    assert [record["clients"] for record in uses] == [1, 2]
+    for record in uses:
+        assert {"server", "client", "p2pd"} <= set(record["core_s_by_role"]), record
+        assert_positive(record, "tokens_per_s", "window_s", "server_cpu_ms_per_token")
+        assert 0 <= record["idle_share"] < 1
+        assert sum(record["core_s_by_role"].values()) <= os.cpu_count() * record["window_s"] * 1.1  # the cores
+    (local,) = of(records, "core_use_local")
+    assert_positive(local, "tokens_per_s", "cpu_ms_per_token")
 
 
 def test_half_wire_trains_alike_with_every_wire_dtype(tmp_path):

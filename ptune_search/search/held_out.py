@@ -42,7 +42,7 @@ class HeldOutTests:
     task queued behind Tune's trials would start only when they end). The driver reads the (small) prompt and
     head tensors, so the actor may run on any node of a cluster.
 
-    Example::
+    Example (in the driver, with Ray and the swarm up)::
 
         with HeldOutTests(settings) as tests:
             tests.start(trial_id, config, checkpoint)   # returns at once
