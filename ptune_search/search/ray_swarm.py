@@ -31,12 +31,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ptune_search.swarm.launcher import PARENT_PID_ENV, read_peers_file, wait_until_online
+from ptune_search.swarm.launcher import PARENT_PID_ENV, read_peers_file, server_env, wait_until_online
 from ptune_search.swarm.replica_layout import replica_layout_problem, split_blocks
 from ptune_search.swarm.server.settings import ListenAddress, ServerSettings
 from ptune_search.swarm.setting_flags import setting_flags
@@ -76,10 +76,10 @@ class SwarmProcess:
         )
         args = ["serve", "--model", str(model_path), "--blocks", f"{blocks[0]}:{blocks[1]}"]
         args += ["--initial-peers", *initial_peers, *setting_flags(settings), "--info-file", str(self.info_path)]
-        self._spawn(args)
+        self._spawn(args, server_env(settings))
         return self.node_ip
 
-    def _spawn(self, args: Sequence[str]) -> None:
+    def _spawn(self, args: Sequence[str], extra_env: Mapping[str, str] = {}) -> None:
         self.info_path.unlink(missing_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -88,7 +88,8 @@ class SwarmProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: killpg reaches its p2pd too
-                env=dict(os.environ, **{PARENT_PID_ENV: str(os.getpid())}),  # SIGTERM when this worker dies
+                # PARENT_PID_ENV: SIGTERM when this worker dies
+                env=dict(os.environ, **extra_env, **{PARENT_PID_ENV: str(os.getpid())}),
             )
 
     def status(self) -> dict[str, Any]:

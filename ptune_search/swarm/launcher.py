@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Awaitable, Callable, Optional, Sequence
+from typing import IO, Awaitable, Callable, Mapping, Optional, Sequence
 
 from ptune_search.swarm.replica_layout import replica_layout_problem, split_blocks
 from ptune_search.swarm.server.settings import ListenAddress, ServerSettings
@@ -36,7 +36,17 @@ from ptune_search.swarm.setting_flags import setting_flags
 logger = logging.getLogger(__name__)
 
 PARENT_PID_ENV = "PTUNE_SWARM_PARENT_PID"
+
+
 # What a LocalSwarm chooses for each of its servers, so not a setting of the swarm as a whole.
+def server_env(settings: ServerSettings) -> dict[str, str]:
+    """The environment a block server runs best in: OpenMP's default team size 1 when the server sizes its
+    compute thread's team itself (``num_threads`` or ``compute_lock``). Under libgomp's defaults the team's
+    worker was off its core between ops: 11-14 % of the cores idle while clients trained, 1.6-2.5 % with
+    this, and 227-231 -> 245 tokens/s for one client on 2 cores (benchmarks/core_use, docs/benchmarks.md)."""
+    return {"OMP_NUM_THREADS": "1"} if settings.compute_lock or settings.num_threads else {}
+
+
 PER_SERVER_SETTINGS = ("listen", "compute_lock", "identity_file")
 
 
@@ -310,16 +320,16 @@ class LocalSwarm:
         args += [*setting_flags(settings), *extra_args]
         name = f"server-{len(self.servers)}-blocks-{start}-{end}"
         args += ["--info-file", str(self.log_dir / f"{name}.json")]
-        child = self._spawn(name, args)
+        child = self._spawn(name, args, server_env(settings))
         child.span = (start, end)
         self.servers.append(child)
         return child
 
-    def _spawn(self, name: str, args: Sequence[str]) -> ChildProcess:
+    def _spawn(self, name: str, args: Sequence[str], extra_env: Mapping[str, str] = {}) -> ChildProcess:
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "wb")
         self._logs.append(log)
-        env = dict(os.environ, **{PARENT_PID_ENV: str(os.getpid())})
+        env = dict(os.environ, **extra_env, **{PARENT_PID_ENV: str(os.getpid())})
         process = subprocess.Popen(
             [sys.executable, "-m", self.module, *args],
             stdin=subprocess.DEVNULL,

@@ -81,3 +81,18 @@ def test_local_swarm_command_serves_until_a_signal_and_leaves_no_process(tmp_pat
             except (ProcessLookupError, PermissionError):
                 pass
     assert not living(lambda p: p[0] in started, wait=10)
+
+
+@pytest.mark.parametrize("share_cores", [True, False])
+def test_servers_that_size_their_compute_team_get_openmp_default_one_thread(tmp_path, swarm_model, share_cores):
+    """A server sharing the cores sets its compute thread's team itself: OpenMP's default is then 1 (every other
+    thread), which keeps its team's worker on the core (docs/benchmarks.md); a server without either keeps
+    the caller's environment."""
+    from ptune_search.swarm.launcher import LocalSwarm
+
+    with LocalSwarm(swarm_model, servers=1, log_dir=tmp_path, share_cores=share_cores) as swarm:
+        (server,) = swarm.servers
+        environ = dict(
+            line.split("=", 1) for line in open(f"/proc/{server.pid}/environ").read().split("\0") if "=" in line
+        )
+    assert environ.get("OMP_NUM_THREADS") == ("1" if share_cores else os.environ.get("OMP_NUM_THREADS"))
