@@ -144,8 +144,9 @@ def _fit_trials_tested(
     figures. The tests run beside the trials: the sweeps' from the start, a trial's once it may be the best."""
     swept = [row for row in (sweeps.baseline, sweeps.start_row) if row is not None]
     with HeldOutTests(settings) if test else contextlib.nullcontext() as tests:
-        for row in swept if tests is not None else []:
-            tests.start(row["trial_id"], *sweeps.checkpoints[row["trial_id"]])
+        if tests is not None:
+            for row in swept:
+                tests.start(row["trial_id"], *sweeps.checkpoints[row["trial_id"]])
         grid = fit_trials(config, settings, callback, progress, resume, [LeadingTrialTests(tests, METRIC)])
         rows = trial_rows(grid, METRIC)
         best = best_finished_trial(rows, METRIC)
