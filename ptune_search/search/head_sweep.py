@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ptune_search.data import Batch, TokenizedSplit
-from ptune_search.training.steps import Evaluation, StepResult
+from ptune_search.training.steps import Evaluation, StepResult, evaluation_of
 
 FINE_TUNE_LR_SCALE = 0.2  # LP-FT: a fitted head goes on training with the prompts at a fifth of its sweep's rate
 
@@ -74,12 +74,7 @@ class HeadSweep:
         self.model.eval()
         features = self._features_of(split, batch_size)[:size]
         labels = split.labels[:size]
-        evaluations = []
-        for head in self.heads:
-            logits = head(features).float()
-            loss = nn.functional.cross_entropy(logits, labels).item()
-            accuracy = (logits.argmax(dim=-1) == labels).float().mean().item()
-            evaluations.append(Evaluation(loss=loss, accuracy=accuracy, logits=logits))
+        evaluations = [evaluation_of(head(features).float(), labels) for head in self.heads]
         best = max(range(len(self.heads)), key=lambda index: (evaluations[index].accuracy, -evaluations[index].loss))
         self.model.score.load_state_dict(self.heads[best].state_dict())
         return best, evaluations[best]

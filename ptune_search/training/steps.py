@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -44,11 +45,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch)
     )
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, split: TokenizedSplit, batch_size: int) -> Evaluation:
     """Mean cross-entropy and accuracy over the whole split, in its stored order."""
+    return evaluation_of(torch.cat(list(batch_logits(model, split, batch_size))), split.labels)
+
+
+@torch.no_grad()
+def batch_logits(model: nn.Module, split: TokenizedSplit, batch_size: int) -> Iterator[torch.Tensor]:
+    """Each batch's logits, computed as it is asked for: a caller may stop an evaluation between batches."""
     model.eval()
-    logits = torch.cat([model(**batch).logits.float() for batch in split.batches(batch_size)])
-    loss = nn.functional.cross_entropy(logits, split.labels).item()
-    accuracy = (logits.argmax(dim=-1) == split.labels).float().mean().item()
+    for batch in split.batches(batch_size):
+        yield model(**batch).logits.float()
+
+
+def evaluation_of(logits: torch.Tensor, labels: torch.Tensor) -> Evaluation:
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(dim=-1) == labels).float().mean().item()
     return Evaluation(loss=loss, accuracy=accuracy, logits=logits)

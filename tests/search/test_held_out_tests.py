@@ -77,13 +77,17 @@ def _local_figures(settings: TrialSettings, config: dict[str, Any], tensors: dic
 
 def test_one_actor_tests_trials_of_every_tuning_mode_as_a_local_model_would(settings, tmp_path):
     """The tester rebuilds its one classifier per trial: each figure equals a fresh local model's, whatever
-    the trial before it was."""
+    the trial before it was, and a test dropped then started again is a whole test."""
     tensors = {name: _trained_tensors(settings, config, seed) for seed, (name, config) in enumerate(CONFIGS.items())}
     checkpoints = {name: (CONFIGS[name], _checkpoint(tensors[name], tmp_path / name)) for name in CONFIGS}
     rows = [{"trial_id": name} for name in CONFIGS]
     with HeldOutTests(settings) as tests:
         tests.start("shallow", *checkpoints["shallow"])  # started early, as for a sweep's row
+        tests.start("deep", *checkpoints["deep"])
+        tests.drop("deep")  # as a lead taken by another trial
+        assert tests.pending == ["shallow"]
         tests.add_figures(rows, checkpoints)
+        assert tests.started == ["shallow", "deep", "deep", "head_only"]
     for row in rows:
         accuracy, loss = _local_figures(settings, CONFIGS[row["trial_id"]], tensors[row["trial_id"]])
         assert row["test_accuracy"] == pytest.approx(accuracy)
@@ -100,7 +104,8 @@ def _reporting_trial(config: dict[str, Any]) -> None:
 
 def test_a_trial_is_tested_as_it_finishes_ahead_of_the_trials_finished_before_it(settings, tmp_path):
     """In finishing order: 0.5 leads, 0.4 does not, an early-stopped 0.9 is no lead, 0.7 leads, an equal 0.7
-    with a higher loss does not, an equal 0.7 with a lower loss does."""
+    with a higher loss does not, an equal 0.7 with a lower loss does; each lead drops the test of the one
+    before it."""
     tensors = _trained_tensors(settings, CONFIGS["shallow"], 0)
     finishes = [(0.5, 1.0, True), (0.4, 0.9, True), (0.9, 0.1, False), (0.7, 0.8, True), (0.7, 0.9, True)]
     finishes.append((0.7, 0.7, True))
@@ -120,3 +125,4 @@ def test_a_trial_is_tested_as_it_finishes_ahead_of_the_trials_finished_before_it
         ).fit()
         by_case = {result.config["case"]: result.metrics["trial_id"] for result in grid}
         assert tests.started == [by_case[0], by_case[3], by_case[5]]
+        assert tests.pending == [by_case[5]]
