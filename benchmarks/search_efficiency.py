@@ -4,7 +4,8 @@ Both sides run in one run, on the same machine, on the same trials:
 
 (a) ``run_search`` with a fixed schedule: ``--trials`` trials (the sampler picks each one's tuning mode), ``--steps``
     steps each with an evaluation every ``--eval-every`` steps, no early stopping (ASHA's grace period is
-    the whole budget), a local Ray, a local swarm of 2 servers, 2 concurrent trials, no baseline;
+    the whole budget), a local Ray, a local swarm of ``--servers`` servers (the embedded default's 1), 2
+    concurrent trials, no baseline;
 (b) the same trials (the parameters (a) ran), one after another in this process with local blocks and the
     same training code (``train_step``, ``evaluate``), driven by an Optuna study the way a user would write
     it by hand with Hugging Face and Optuna; its best trial is then evaluated on the held-out split, as in (a).
@@ -67,7 +68,7 @@ def search_config(args: argparse.Namespace, output_dir: Path):
                 "validation_size": args.validation_size,
                 "test_size": args.test_size,
             },
-            "swarm": {"mode": "local", "servers": 2, "replicas": 1},
+            "swarm": {"mode": "local", "servers": args.servers, "replicas": 1},
             "search_space": {
                 "tuning_modes": list(MODES),
                 "pre_seq_len": {"low": args.pre_seq_len, "high": args.pre_seq_len},
@@ -223,12 +224,12 @@ def run_sequential(args: argparse.Namespace, trials: list[dict[str, Any]]) -> di
 
 
 def run_concurrency(args: argparse.Namespace) -> dict[int, float]:
-    """Aggregate tokens/s of 1, 2, 4, 8 trial-like clients training at once on one 2-server swarm."""
+    """Aggregate tokens/s of 1, 2, 4, 8 trial-like clients training at once on one swarm."""
 
     path = resolve_model(args.model)
     rates: dict[int, list[float]] = {clients: [] for clients in args.concurrency}
     settings = ServerSettings(merge=MergeLimits(max_tokens=0)) if args.no_merge else ServerSettings()
-    with LocalSwarm(path, servers=2, settings=settings) as swarm:
+    with LocalSwarm(path, servers=args.servers, settings=settings) as swarm:
         for _ in range(args.rounds):
             for clients in args.concurrency:
                 record = throughput(path, swarm.initial_peers, clients, "ptune", args.concurrency_steps, threads=1)
@@ -255,6 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8], help="concurrent trial counts")
     parser.add_argument("--concurrency-steps", type=int, default=3, help="measured steps per client")
     parser.add_argument("--rounds", type=int, default=1, help="measure every concurrency this many times")
+    parser.add_argument("--servers", type=int, default=1, help="block servers, the blocks split evenly")
     parser.add_argument("--no-merge", action="store_true", help="servers never merge requests (a baseline)")
     parser.add_argument("--concurrency-only", action="store_true", help="skip (a) and (b)")
     args = parser.parse_args(argv)

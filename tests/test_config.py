@@ -45,7 +45,7 @@ def test_default_experiment_parses_with_the_budget_of_the_brief() -> None:
     assert config.model == "smollm2-135m"
     assert (config.task.name, config.task.max_length) == ("bbc_news", 64)
     assert (config.task.train_size, config.task.validation_size, config.task.test_size) == (600, 150, 300)
-    assert (config.swarm.mode, config.swarm.servers, config.swarm.replicas) == ("local", 2, 1)
+    assert (config.swarm.mode, config.swarm.servers, config.swarm.replicas) == ("local", 1, 1)
     assert config.search_space.tuning_modes == ["deep_ptune", "ptune"]
     assert (config.search_space.pre_seq_len.low, config.search_space.pre_seq_len.high) == (8, 24)
     assert (config.search_space.lr.low, config.search_space.lr.high) == (1e-3, 1e-2)
