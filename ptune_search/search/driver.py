@@ -106,11 +106,15 @@ def _run_search(
     config_file = write_config(config, resume)
     progress = SearchProgress.start(config.budget.max_steps)
     datasets = task_dataset_inputs(task_spec(config), splits, config.seed)
-    with library_logs_to_file(config.output_dir) as log_file, SearchRecords.open(config) as records:
+    with (
+        library_logs_to_file(config.output_dir) as log_file,
+        SearchRecords.open(config) as records,
+        concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="report") as pool,
+    ):
         print(f"Searching {config.model} on {config.task.name}; logs of Ray and the libraries: {log_file}", flush=True)
         # Trial actors end first (quietly, see TrialActors), then the swarm they use, then Ray.
-        with records.aborted_on_failure(), ray_and_swarm(config, model_path, address) as initial_peers:
-            with TrialActors.of_this_driver():
+        with records.aborted_on_failure():
+            with ray_and_swarm(config, model_path, address) as initial_peers, TrialActors.of_this_driver():
                 inputs = tokenized.result()
                 settings = _trial_settings(config, model_path, inputs, initial_peers)
                 parent_run_id = records.start_parent(config_file, datasets)
@@ -122,13 +126,27 @@ def _run_search(
                 callback = records.trial_callback(parent_run_id, datasets)
                 has_test = inputs.task.test is not None
                 grid, rows, best = _fit_trials_tested(config, settings, sweeps, callback, progress, resume, has_test)
-            # Written and sent while the swarm and Ray stop.
-            report = _write_report(config, grid, rows, best, sweeps)
-            tested = [row for row in (best, sweeps.baseline, sweeps.start_row) if row is not None]
-            records.finish(parent_run_id, best["trial_id"], tested, report)
+                # The report (seconds of plots) and the records are written while the trial actors, the swarm and
+                # Ray stop: neither needs them.
+                finished = pool.submit(_finish, config, records, parent_run_id, grid, rows, best, sweeps)
+            finished.result()
         records.deliver()
         print(how_to_open_runs(config.tracking_uri, records.tracker.experiment_id))
     return SearchOutcome(best, sweeps.baseline, rows, parent_run_id, sweeps.start_row)
+
+
+def _finish(
+    config: ExperimentConfig,
+    records: SearchRecords,
+    parent_run_id: str,
+    grid: tune.ResultGrid,
+    rows: list[dict[str, Any]],
+    best: dict[str, Any],
+    sweeps: SweepOutcome,
+) -> None:
+    report = _write_report(config, grid, rows, best, sweeps)
+    tested = [row for row in (best, sweeps.baseline, sweeps.start_row) if row is not None]
+    records.finish(parent_run_id, best["trial_id"], tested, report)
 
 
 def _fit_trials_tested(
