@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import optuna
@@ -128,25 +129,13 @@ def _run_search(
                 grid, rows, best = _fit_trials_tested(config, settings, sweeps, callback, progress, resume, has_test)
                 # The report (seconds of plots) and the records are written while the trial actors, the swarm and
                 # Ray stop: neither needs them.
-                finished = pool.submit(_finish, config, records, parent_run_id, grid, rows, best, sweeps)
+                tested = [row for row in (best, sweeps.baseline, sweeps.start_row) if row is not None]
+                write_report = functools.partial(_write_report, config, grid, rows, best, sweeps)
+                finished = pool.submit(lambda: records.finish(parent_run_id, best["trial_id"], tested, write_report()))
             finished.result()
         records.deliver()
         print(how_to_open_runs(config.tracking_uri, records.tracker.experiment_id))
     return SearchOutcome(best, sweeps.baseline, rows, parent_run_id, sweeps.start_row)
-
-
-def _finish(
-    config: ExperimentConfig,
-    records: SearchRecords,
-    parent_run_id: str,
-    grid: tune.ResultGrid,
-    rows: list[dict[str, Any]],
-    best: dict[str, Any],
-    sweeps: SweepOutcome,
-) -> None:
-    report = _write_report(config, grid, rows, best, sweeps)
-    tested = [row for row in (best, sweeps.baseline, sweeps.start_row) if row is not None]
-    records.finish(parent_run_id, best["trial_id"], tested, report)
 
 
 def _fit_trials_tested(
