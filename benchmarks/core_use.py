@@ -30,8 +30,10 @@ from typing import Optional, Sequence
 import psutil
 import torch
 
+from benchmarks.load_harness.runner import server_infos
 from benchmarks.swarm_step import BATCH, LENGTH, TimedTraining, build_model, make_batch, throughput
 from ptune_search.pretrained import resolve_model
+from ptune_search.swarm.client.connection import SwarmConnection
 from ptune_search.swarm.launcher import LocalSwarm
 from ptune_search.swarm.server.fair_queue import MergeLimits
 from ptune_search.swarm.server.settings import ServerSettings
@@ -107,6 +109,23 @@ class CpuSampler(threading.Thread):
         return last[0] - first[0], by_role, sorted((t for t in threads if t > 0.05), reverse=True)
 
 
+def server_counts(before: dict[str, dict], after: dict[str, dict]) -> dict[str, int]:
+    """What the servers did between two info snapshots: compute tasks, merged batches and the requests in them,
+    and backwards that found their forward's graph kept or had to recompute it."""
+    groups = {
+        "compute": ("tasks", "merged_batches", "merged_requests"),
+        "cache": ("hits", "misses"),
+        "backward_passes": ("whole", "partial"),
+    }
+    counts = {}
+    for group, keys in groups.items():
+        for key in keys:
+            counts[key] = sum(
+                info[group][key] - before.get(name, {}).get(group, {}).get(key, 0) for name, info in after.items()
+            )
+    return counts
+
+
 def local_cost(path: Path, steps: int) -> dict:
     """The same step with local blocks on every core: tokens/s and CPU milliseconds per token."""
     torch.set_num_threads(os.cpu_count() or 1)
@@ -144,9 +163,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cores = os.cpu_count() or 1
     sampler = CpuSampler()
     sampler.start()
-    with LocalSwarm(path, servers=args.servers, settings=settings, share_cores=not args.server_threads) as swarm:
+    with (
+        LocalSwarm(path, servers=args.servers, settings=settings, share_cores=not args.server_threads) as swarm,
+        SwarmConnection(swarm.initial_peers) as connection,
+    ):
         for clients in args.clients:
+            before = server_infos(swarm, connection)
             record = throughput(path, swarm.initial_peers, clients, "ptune", args.steps, threads=1)
+            counts = server_counts(before, server_infos(swarm, connection))
             window, by_role, threads = sampler.between(*record["window_perf_counter_s"])
             used = sum(by_role.values())
             tokens = record["tokens_per_s"] * window
@@ -162,6 +186,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     "idle_share": round(max(0.0, 1 - used / (cores * window)), 3),
                     "server_cpu_ms_per_token": round(1000 * by_role.get("server", 0.0) / tokens, 2),
                     "busiest_server_threads_core_share": [round(cpu / window, 2) for cpu in threads[:4]],
+                    "server_tasks": counts["tasks"],  # these count the warm-up steps too
+                    "merged_batches": counts["merged_batches"],
+                    "requests_in_merged_batches": counts["merged_requests"],
+                    "backwards_on_kept_graphs": counts["hits"],
+                    "backwards_recomputed": counts["misses"],
+                    "backward_passes_whole": counts["whole"],
+                    "backward_passes_partial": counts["partial"],
                     "load_avg_1m": record["load_avg_1m"],
                 }
             )

@@ -240,7 +240,7 @@ def concurrent_sessions_memory(
     elapsed = time.perf_counter() - started
     if errors:
         raise RuntimeError(f"{len(errors)} of {sessions} concurrent generations failed: {errors[0]!r}")
-    budget = swarm.settings.inflight_bytes
+    budget = swarm.settings.inflight_budget_bytes
     figures = []
     for pid, peer_id in servers:
         growth = sampler.peak_rss[pid] - rss_before[pid]

@@ -18,6 +18,7 @@ Run: ``python -m benchmarks.swarm_step [--model smollm2-135m] [--steps 5] [--cli
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import multiprocessing
 import os
@@ -73,11 +74,6 @@ class TimedTraining:
         return time.perf_counter() - started
 
 
-def step_times(model, batch: dict[str, torch.Tensor], steps: int, warmup: int) -> list[float]:
-    training = TimedTraining(model, batch)
-    return [training.step() for _ in range(warmup + steps)][warmup:]
-
-
 def compare_step(path: Path, mode: str, peers: list[str], steps: int) -> dict:
     """Local and swarm steps taken in turns, so that load from elsewhere on the machine hits both alike."""
     torch.manual_seed(0)
@@ -126,17 +122,30 @@ def compare_step(path: Path, mode: str, peers: list[str], steps: int) -> dict:
 def client_process(
     path: str, peers: list[str], mode: str, steps: int, seed: int, threads: int, barrier, results
 ) -> None:
-    """One trial-like client: its own process, its own connection, its own prompts."""
+    """One trial-like client: its own process, its own connection, its own prompts. Puts the start of its
+    measured steps and the end of each on ``results``."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = build_model(Path(path), mode, peers)
-    batch = make_batch(seed, model.config.vocab_size)
-    step_times(model, batch, steps=0, warmup=1)
+    training = TimedTraining(model, make_batch(seed, model.config.vocab_size))
+    training.step()
     barrier.wait()
-    started = time.perf_counter()
-    step_times(model, batch, steps=steps, warmup=0)
-    results.put((started, time.perf_counter()))
+    marks = [time.perf_counter()]
+    for _ in range(steps):
+        training.step()
+        marks.append(time.perf_counter())
+    results.put(marks)
     model.close()
+
+
+def steps_done(marks: list[float], at: float) -> float:
+    """Steps a client had done at time ``at``, the current one counted by the share of its time elapsed."""
+    index = bisect.bisect_right(marks, at)
+    if index == 0:
+        return 0.0
+    if index == len(marks):
+        return float(len(marks) - 1)
+    return index - 1 + (at - marks[index - 1]) / (marks[index] - marks[index - 1])
 
 
 def throughput(path: Path, peers: list[str], clients: int, mode: str, steps: int, threads: int) -> dict:
@@ -148,11 +157,11 @@ def throughput(path: Path, peers: list[str], clients: int, mode: str, steps: int
     ]
     for process in processes:
         process.start()
-    spans: list[tuple[float, float]] = []
+    marks: list[list[float]] = []
     try:
-        while len(spans) < clients:
+        while len(marks) < clients:
             try:
-                spans.append(results.get(timeout=1.0))
+                marks.append(results.get(timeout=1.0))
             except queue.Empty:  # a client that died would leave the others waiting at the barrier for ever
                 failed = [process.exitcode for process in processes if process.exitcode not in (None, 0)]
                 if failed:
@@ -160,23 +169,29 @@ def throughput(path: Path, peers: list[str], clients: int, mode: str, steps: int
                     raise RuntimeError(message) from None
     finally:
         for process in processes:
-            process.join(60 if len(spans) == clients else 0)
+            process.join(60 if len(marks) == clients else 0)
             if process.is_alive():
                 process.terminate()
-    window = (min(start for start, _ in spans), max(end for _, end in spans))
+    step_tokens = BATCH * LENGTH
+    first_to_last = max(m[-1] for m in marks) - min(m[0] for m in marks)
+    # While all clients train: from the last one's first step to the first one's last. The ramps at both ends,
+    # when fewer clients are in flight, would otherwise weigh more the fewer steps each client takes.
+    window = (max(m[0] for m in marks), min(m[-1] for m in marks))
     wall = window[1] - window[0]
-    tokens = clients * steps * BATCH * LENGTH
+    tokens = clients * steps * step_tokens
+    steady = sum(steps_done(m, window[1]) - steps_done(m, window[0]) for m in marks) * step_tokens
     return {
         "benchmark": "swarm_throughput",
         "mode": mode,
         "clients": clients,
         "steps_per_client": steps,
         "tokens": tokens,
-        "wall_s": round(wall, 3),
-        "tokens_per_s": round(tokens / wall, 1),
+        "wall_s": round(first_to_last, 3),
+        "tokens_per_s": round(steady / wall, 1),  # all clients in flight
+        "tokens_per_s_first_to_last": round(tokens / first_to_last, 1),  # with the ramps
         "client_threads": threads,
         "load_avg_1m": round(os.getloadavg()[0], 2),
-        "window_perf_counter_s": window,  # first measured step to last, on this host's perf_counter
+        "window_perf_counter_s": window,  # all clients in flight, on this host's perf_counter
     }
 
 

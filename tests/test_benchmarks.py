@@ -86,7 +86,9 @@ def test_swarm_step_compares_local_and_swarm_steps_and_measures_concurrent_clien
     assert [record["clients"] for record in throughputs] == [1, 2]
     for record in throughputs:
         assert record["tokens"] == record["clients"] * 1 * 8 * 64  # clients x steps x batch x tokens
-        assert_positive(record, "wall_s", "tokens_per_s")
+        assert_positive(record, "wall_s", "tokens_per_s", "tokens_per_s_first_to_last")
+    alone = throughputs[0]  # one client is in flight from its first step to its last
+    assert alone["tokens_per_s"] == pytest.approx(alone["tokens_per_s_first_to_last"], abs=0.2)
     (summary,) = of(records, "swarm_throughput_summary")
     assert set(summary["median_tokens_per_s"]) == {"1", "2"}
     assert_positive(summary["median_tokens_per_s"], "1", "2")
@@ -103,6 +105,8 @@ def test_core_use_splits_the_cores_by_role_while_clients_train(tmp_path):
         assert_positive(record, "tokens_per_s", "window_s", "server_cpu_ms_per_token")
         assert 0 <= record["idle_share"] < 1
         assert sum(record["core_s_by_role"].values()) <= os.cpu_count() * record["window_s"] * 1.1  # the cores
+        requests = record["clients"] * 41 * 2 * 2  # clients x steps with warm-up x (forward, backward) x servers
+        assert record["server_tasks"] + record["requests_in_merged_batches"] - record["merged_batches"] == requests
     (local,) = of(records, "core_use_local")
     assert_positive(local, "tokens_per_s", "cpu_ms_per_token")
 

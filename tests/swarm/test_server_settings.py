@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import psutil
 import pytest
 
 from ptune_search.swarm.__main__ import add_swarm_arguments
@@ -109,3 +110,13 @@ def test_a_setting_without_help_cannot_become_a_flag():
 
     with pytest.raises(TypeError, match="Bare.bare is not declared with setting"):
         setting_flags(Bare())
+
+
+def test_graph_memory_defaults_to_a_quarter_of_the_machine_and_given_values_win():
+    memory = psutil.virtual_memory().total
+    defaults = ServerSettings()
+    assert defaults.graph_cache_bytes == pytest.approx(memory / 4, rel=1e-3)
+    assert defaults.inflight_budget_bytes == defaults.graph_cache_bytes + 2 * 1024**3
+    given = ServerSettings(cache_bytes=2000, inflight_bytes=1000)
+    assert (given.graph_cache_bytes, given.inflight_budget_bytes) == (2000, 1000)
+    assert ServerSettings(cache_bytes=2000).inflight_budget_bytes == 2000 + 2 * 1024**3

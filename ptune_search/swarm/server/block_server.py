@@ -179,8 +179,10 @@ class BlockServer:
             "version": PROTOCOL_VERSION,
             "model": self.served_model.to_dict(),
         }
-        cache = ActivationCache(settings.cache_bytes, settings.cache_max_age)
-        budget = InflightBudget(settings.inflight_bytes, settings.inflight_tokens, kept_bytes=lambda: cache.nbytes)
+        cache = ActivationCache(settings.graph_cache_bytes, settings.cache_max_age)
+        budget = InflightBudget(
+            settings.inflight_budget_bytes, settings.inflight_tokens, kept_bytes=lambda: cache.nbytes
+        )
         return BlockRPCHandlers(span, served, queue, cache, budget, info)
 
 

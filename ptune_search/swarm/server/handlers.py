@@ -77,6 +77,7 @@ class BlockRPCHandlers:
         tensors = list(span.parameters()) + list(span.buffers())
         self._weights = frozenset(t.untyped_storage().data_ptr() for t in tensors)
         self.receiving_streams = 0
+        self.backward_passes = {"whole": 0, "partial": 0}
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         cache = {
@@ -94,6 +95,7 @@ class BlockRPCHandlers:
             inflight=self.budget.stats(),
             receiving_streams=self.receiving_streams,
             sessions=self.sessions.stats(),
+            backward_passes=dict(self.backward_passes),
         )
         return runtime_pb2.ExpertResponse(metadata=pack_metadata(info))
 
@@ -260,6 +262,10 @@ class BlockRPCHandlers:
             recomputed = self._merged([batch[index].request for index in lost], grad=True)
             passes.append((recomputed, [(index, member) for member, index in enumerate(lost)], True))
         for merged, members, recomputed in passes:
+            if len(members) < len(merged):
+                self.backward_passes["partial"] += 1
+            else:
+                self.backward_passes["whole"] += 1
             grad_outputs = [batch[index].request.grad_outputs for index, _ in members]
             grads = merged.backward([member for _, member in members], grad_outputs)
             for (index, _), (grad_inputs, grad_prompts) in zip(members, grads):
