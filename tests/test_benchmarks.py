@@ -12,13 +12,16 @@ import json
 import math
 import os
 import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import pytest
 
-from benchmarks.search_harness.search_process import REPO, WatchedProcess, assert_no_survivors
+from benchmarks.search_harness.search_process import REPO, WatchedProcess, assert_no_survivors, wait_for
+from benchmarks.wan import network as wan_network
 
 BENCHMARKS = sorted(path.stem for path in (REPO / "benchmarks").glob("*.py") if path.stem != "__init__")
 
@@ -205,3 +208,47 @@ def test_search_quality_prints_a_line_per_search_and_the_gains_per_task(tmp_path
     assert last["tiny"]["diverged_searches"] == sum(r["max_last_eval_loss"] > r["chance_loss"] for r in searches)
     assert last["tiny"]["mean_gain_over_baseline"] == pytest.approx(sum(gains) / 2)
     assert last["tiny"]["mean_best_test_accuracy"] == pytest.approx(sum(r["best_test_accuracy"] for r in searches) / 2)
+
+
+WAN_SHORT = ["--servers", "2", "--replicas", "2", "--client-hosts", "1", "--clients", "1", "2", "--seconds", "3"]
+
+
+def wan_namespaces() -> set[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in listing.splitlines() if line.startswith(wan_network.PREFIX)}
+
+
+@pytest.mark.skipif(wan_network.unavailable_reason() is not None, reason=str(wan_network.unavailable_reason()))
+def test_wan_swarm_measures_each_round_trip_and_client_count_and_leaves_nothing(tmp_path):
+    before = wan_namespaces()
+    records = run_benchmark("wan_swarm", [*WAN_SHORT, "--rtt-ms", "0", "40", "--merging", "on"], tmp_path)
+    runs = of(records, "wan_swarm")
+    assert [(run["rtt_ms"], run["clients"]) for run in runs] == [(0, 1), (0, 2), (40, 1), (40, 2)]
+    for run in runs:
+        assert run["failed_steps"] == 0, run
+        assert_positive(run, "tokens_per_s", "step_s_p50", "step_s_p99")
+        assert sum(run["requests_by_server"].values()) >= 2 * run["steps"]  # a forward and a backward a step
+        assert 0.5 <= run["replica_split"] <= 1
+    for run in runs[2:]:  # a step is two round trips over the one span: its forward and its backward
+        assert run["step_s_p50"] >= 0.08, run
+    (summary,) = of(records, "wan_swarm_summary")
+    assert summary["rtt_ms"] == [0, 40] and summary["failed_steps"] == 0
+    assert set(summary["tokens_per_s_by_clients"]) == {"0ms", "40ms"}
+    assert wan_namespaces() == before
+
+
+@pytest.mark.skipif(wan_network.unavailable_reason() is not None, reason=str(wan_network.unavailable_reason()))
+def test_wan_swarm_interrupted_removes_its_namespaces_and_processes(tmp_path):
+    stdout = tmp_path / "wan.out"
+    args = [sys.executable, "-m", "benchmarks.wan_swarm", *WAN_SHORT, "--rtt-ms", "0", "40", "80"]
+    benchmark = WatchedProcess(args, tmp_path / "wan.log", stdout)
+    try:
+        wait_for(benchmark, lambda: '"wan_swarm"' in stdout.read_text(), timeout=300)
+        own = {name for name in wan_namespaces() if name.startswith(f"{wan_network.PREFIX}{benchmark.process.pid}-")}
+        assert len(own) == 1 + 2 + 1  # the bootstrap peer, the servers, the client host
+        benchmark.send(signal.SIGINT)
+        assert benchmark.wait(120) != 0
+        assert_no_survivors(benchmark)
+        assert not own & wan_namespaces()
+    finally:
+        benchmark.kill_everything()

@@ -325,13 +325,17 @@ class LocalSwarm:
         self.servers.append(child)
         return child
 
+    def command(self, name: str, args: Sequence[str]) -> list[str]:
+        """The command line of child ``name``: a subclass may run it elsewhere (e.g. in a network namespace)."""
+        return [sys.executable, "-m", self.module, *args]
+
     def _spawn(self, name: str, args: Sequence[str], extra_env: Mapping[str, str] = {}) -> ChildProcess:
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "wb")
         self._logs.append(log)
         env = dict(os.environ, **extra_env, **{PARENT_PID_ENV: str(os.getpid())})
         process = subprocess.Popen(
-            [sys.executable, "-m", self.module, *args],
+            self.command(name, args),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

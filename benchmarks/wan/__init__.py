@@ -1,0 +1,1 @@
+"""A simulated wide-area network on one machine: network namespaces joined by a shaping user-space switch."""
