@@ -25,6 +25,7 @@ It removes its namespaces, switch and processes on exit, also on Ctrl-C or failu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,7 +33,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, ContextManager, Iterator, Optional, Sequence
 
 from benchmarks.load_harness.runner import server_infos
 from benchmarks.swarm_step import steps_done
@@ -98,47 +99,125 @@ def run_record(results: list[dict[str, Any]], until: float, tokens_per_step: int
         "step_s_p99": round(percentile(step_s, 0.99), 3),
         "max_over_min_client": round(max(rates) / min(rates), 3) if min(rates) > 0 else None,
         "failed_steps": sum(result["failed"] for result in results),
+        "wrong_results": sum(result["wrong"] for result in results),
         "errors": errors[:3],
     }
 
 
-def sweep(args: argparse.Namespace, model: Path, merging: bool, work: Path) -> list[dict[str, Any]]:
+@dataclasses.dataclass
+class Testbed:
+    """A swarm on its hosts, a connection of this process to it, and the client hosts."""
+
+    args: argparse.Namespace
+    network: WanNetwork
+    swarm: NamespacedSwarm
+    connection: SwarmConnection
+    client_hosts: ClientHosts
+
+    def measure(self, clients: int, seconds: float, fault: Optional[ContextManager[object]] = None) -> dict[str, Any]:
+        """``clients`` clients for ``seconds`` (within ``fault``): their figures and what the servers did. The
+        servers' counters are read outside ``fault``: a server cut off could not answer."""
+        before = server_infos(self.swarm, self.connection)
+        with fault or contextlib.nullcontext():
+            results, until = self.client_hosts.run(clients, seconds)
+        after = server_infos(self.swarm, self.connection)
+        requests = requests_by_server(before, after)
+        batches, merged = merges(before, after)
+        return {
+            **run_record(results, until, self.args.batch * self.args.length),
+            "requests_by_server": requests,
+            "replica_split": replica_split(self.swarm, requests),
+            "merged_requests_per_batch": round(merged / batches, 2) if batches else None,
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        }
+
+
+@contextlib.contextmanager
+def testbed(args: argparse.Namespace, model: Path, merging: bool, work: Path) -> Iterator[Testbed]:
     hosts = ["bootstrap", *map(server_host, range(args.servers)), *map(client_host, range(args.client_hosts))]
     settings = ServerSettings(merge=MergeLimits() if merging else MergeLimits(max_tokens=0))
-    spec = ClientHostSpec(str(model), [], max(args.clients), args.batch, args.length, args.request_timeout)
-    records = []
+    clients = max(args.clients) if not args.faults else args.fault_clients
+    spec = ClientHostSpec(str(model), [], clients, args.batch, args.length, args.request_timeout)
+    log_dir = work / f"merging-{merging}"
     with WanNetwork(hosts) as network:
         for host in hosts:
             network.rate(host, args.rate_mbit)
-        log_dir = work / f"merging-{merging}"
         swarm = NamespacedSwarm(network, model, args.servers, args.replicas, settings=settings, log_dir=log_dir)
         with swarm, SwarmConnection(swarm.initial_peers) as connection:
             spec = dataclasses.replace(spec, initial_peers=swarm.initial_peers)
             with ClientHosts(network, args.client_hosts, spec, log_dir) as client_hosts:
-                for rtt in args.rtt_ms:
-                    network.shape_all(delay_ms=rtt / 4, jitter_ms=rtt / 40, loss=args.loss)
-                    for clients in args.clients:
-                        before = server_infos(swarm, connection)
-                        results, until = client_hosts.run(clients, args.seconds)
-                        after = server_infos(swarm, connection)
-                        requests = requests_by_server(before, after)
-                        batches, merged = merges(before, after)
-                        record = {
-                            "benchmark": "wan_swarm",
-                            "rtt_ms": rtt,
-                            "clients": clients,
-                            "merging": merging,
-                            **run_record(results, until, args.batch * args.length),
-                            "requests_by_server": requests,
-                            "replica_split": replica_split(swarm, requests),
-                            "merged_requests_per_batch": round(merged / batches, 2) if batches else None,
-                            "load_avg_1m": round(os.getloadavg()[0], 2),
-                        }
-                        emit(record)
-                        records.append(record)
-            record = {"benchmark": "wan_swarm_switch", "merging": merging, **network.switch_stats()}
+                yield Testbed(args, network, swarm, connection, client_hosts)
+            emit({"benchmark": "wan_swarm_switch", "merging": merging, **network.switch_stats()})
+
+
+def sweep(bed: Testbed, merging: bool) -> list[dict[str, Any]]:
+    records = []
+    for rtt in bed.args.rtt_ms:
+        bed.network.shape_all(delay_ms=rtt / 4, jitter_ms=rtt / 40, loss=bed.args.loss)
+        for clients in bed.args.clients:
+            record = {"benchmark": "wan_swarm", "rtt_ms": rtt, "clients": clients, "merging": merging}
+            record.update(bed.measure(clients, bed.args.seconds))
             emit(record)
+            records.append(record)
     return records
+
+
+@contextlib.contextmanager
+def shaped(network: WanNetwork, host: str, during: dict[str, float], after: dict[str, float]) -> Iterator[None]:
+    network.shape(host, **during)
+    try:
+        yield
+    finally:
+        network.shape(host, **after)
+
+
+@contextlib.contextmanager
+def rate_limited(network: WanNetwork, host: str, mbit: float, after: Optional[float]) -> Iterator[None]:
+    network.rate(host, mbit)
+    try:
+        yield
+    finally:
+        network.rate(host, after)
+
+
+def faults(bed: Testbed) -> list[dict[str, Any]]:
+    """Faults on the links while ``--fault-clients`` clients train at ``--fault-rtt-ms``, one phase each: a
+    partition that cuts server 0's host off, the phase after it (server 0 must come back), 10 % loss on server
+    1's link, and server 2's upload at 1 Mbit/s."""
+    args, network = bed.args, bed.network
+    rtt = args.fault_rtt_ms
+    network.shape_all(delay_ms=rtt / 4, jitter_ms=rtt / 40)
+    clean = {"delay_ms": rtt / 4, "loss": 0.0}
+    cut, lossy, slow = (server_host(index % args.servers) for index in range(3))
+    phases: list[tuple[str, float, Optional[ContextManager[object]]]] = [
+        ("steady", args.seconds, None),
+        ("partition", args.partition_s, shaped(network, cut, {"loss": 1.0}, clean)),
+        ("healed", args.heal_s, None),
+        ("loss_10", args.seconds, shaped(network, lossy, {"loss": 0.1}, clean)),
+        ("slow_link", args.seconds, rate_limited(network, slow, 1.0, args.rate_mbit)),
+    ]
+    records = []
+    for phase, seconds, fault in phases:
+        record = {"benchmark": "wan_swarm_fault", "phase": phase, "rtt_ms": rtt, "clients": args.fault_clients}
+        record.update(bed.measure(args.fault_clients, seconds, fault))
+        emit(record)
+        records.append(record)
+    return records
+
+
+def faults_summary(bed: Testbed, records: list[dict[str, Any]]) -> dict[str, Any]:
+    cut = bed.swarm.servers[0].name
+    by_phase = {record["phase"]: record for record in records}
+    return {
+        "benchmark": "wan_swarm_faults_summary",
+        "tokens_per_s_by_phase": {phase: record["tokens_per_s"] for phase, record in by_phase.items()},
+        "step_s_p99_by_phase": {phase: record["step_s_p99"] for phase, record in by_phase.items()},
+        "cut_server_requests": {
+            phase: by_phase[phase]["requests_by_server"].get(cut, 0) for phase in ("partition", "healed")
+        },
+        "failed_steps": sum(record["failed_steps"] for record in records),
+        "wrong_results": sum(record["wrong_results"] for record in records),
+    }
 
 
 def rates_by_clients(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -167,6 +246,7 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "max_over_min_client": max(spreads, default=None),
         "replica_split": max(splits, default=None),
         "failed_steps": sum(r["failed_steps"] for r in records),
+        "wrong_results": sum(r["wrong_results"] for r in records),
         "cpus": os.cpu_count(),
     }
 
@@ -185,7 +265,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="each host's upload")
     parser.add_argument("--loss", type=float, default=0.0, help="share of frames lost on each link")
-    parser.add_argument("--request-timeout", type=float, default=30.0)
+    parser.add_argument("--request-timeout", type=float, help="seconds (default: 30, with --faults 5)")
+    parser.add_argument("--faults", action="store_true", help="the link faults' phases instead of the sweep")
+    parser.add_argument("--fault-clients", type=int, default=4)
+    parser.add_argument("--fault-rtt-ms", type=int, default=50)
+    parser.add_argument("--partition-s", type=float, default=20.0, help="how long server 0's host is cut off")
+    parser.add_argument("--heal-s", type=float, default=40.0, help="the phase after the partition")
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--blocks", type=int, default=8)
     args = parser.parse_args(argv)
@@ -197,10 +282,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"wan_swarm {reason}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds the with-blocks: nothing is left behind
-    settings = {"on": [True], "off": [False], "both": [True, False]}[args.merging]
+    if args.request_timeout is None:
+        args.request_timeout = 5.0 if args.faults else 30.0
     with tempfile.TemporaryDirectory(prefix="wan-swarm-") as work:
         model = make_tiny_llama(Path(work) / "model", hidden_size=args.hidden_size, num_layers=args.blocks)
-        records = [record for merging in settings for record in sweep(args, model, merging, Path(work))]
+        if args.faults:
+            with testbed(args, model, True, Path(work)) as bed:
+                emit(faults_summary(bed, faults(bed)))
+            return 0
+        records = []
+        for merging in {"on": [True], "off": [False], "both": [True, False]}[args.merging]:
+            with testbed(args, model, merging, Path(work)) as bed:
+                records += sweep(bed, merging)
     emit(summary(records))
     return 0
 

@@ -5,9 +5,10 @@ Run by :mod:`benchmarks.wan_swarm` on a host of its network as ``python -m bench
 connection (one p2p daemon for all: 64 clients need not be 64 daemons on 2 cores), takes one warm-up step
 on each and prints ``{"ready": true}``. Then each JSON line ``{"clients": k, "seconds": s}`` on stdin runs k
 of them at once for s seconds and prints one JSON line: for each client, the start of its first step and the
-end of each step (``marks``, monotonic seconds, shared by every namespace), its failed steps and first
-errors. A step is what a prompt-tuning client asks of the swarm: a forward of ``batch x length`` hidden states
-through every block and the backward of a loss on the output. End of input ends the process.
+end of each step (``marks``, monotonic seconds, shared by every namespace), its failed steps, its steps
+whose results differ from its first step's (``wrong``) and first errors. A step is what a prompt-tuning
+client asks of the swarm: a forward of ``batch x length`` hidden states through every block and the
+backward of a loss on the output. End of input ends the process.
 """
 
 from __future__ import annotations
@@ -43,24 +44,33 @@ class SwarmClient:
         generator = torch.Generator().manual_seed(seed)
         self.hidden = torch.randn(spec.batch, spec.length, hidden_size, generator=generator)
         self.mask = torch.ones(spec.batch, spec.length, dtype=torch.long)
+        self.first_loss: float | None = None
+        self.first_grad: float | None = None
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One step; whether its loss and grad equal the first step's (the blocks are frozen, the batch fixed:
+        a lost, garbled or mixed-up answer on the way would show)."""
         hidden = self.hidden.clone().requires_grad_(True)
-        self.chain(hidden, self.mask).pow(2).mean().backward()
+        loss = self.chain(hidden, self.mask).pow(2).mean()
+        loss.backward()
+        figures = loss.item(), hidden.grad.norm().item()
+        if self.first_loss is None:
+            self.first_loss, self.first_grad = figures
+        return all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(figures, (self.first_loss, self.first_grad)))
 
     def train(self, until: float, result: dict[str, Any]) -> None:
         """Steps until ``until``; the step running then finishes and counts (the runner takes its share)."""
-        marks, failed, errors = [time.monotonic()], 0, []
+        marks, failed, wrong, errors = [time.monotonic()], 0, 0, []
         while time.monotonic() < until:
             try:
-                self.step()
+                wrong += not self.step()
             except Exception as e:  # noqa: BLE001 - counted and reported, the run goes on
                 failed += 1
                 if len(errors) < KEPT_ERRORS:
                     errors.append(f"{type(e).__name__}: {e}")
                 continue
             marks.append(time.monotonic())
-        result.update(marks=marks, failed=failed, errors=errors)
+        result.update(marks=marks, failed=failed, wrong=wrong, errors=errors)
 
 
 def build_clients(spec: ClientHostSpec) -> list[SwarmClient]:
