@@ -8,6 +8,7 @@ import dataclasses
 import fcntl
 import os
 import pickle
+import random
 import threading
 import time
 
@@ -188,6 +189,32 @@ def test_router_prefers_long_spans_avoids_banned_servers_and_retries_them_when_n
     assert asyncio.run(router.choose_span(0)).peer_id == first
     router.ban(second)
     assert asyncio.run(router.choose_span(2, 3)).peer_id in {whole, second}  # all banned: try them anyway
+
+
+def test_router_sends_forwards_by_answer_time_and_tries_again_a_server_measured_long_ago():
+    router = BlockRouter(None, "m", 4, ClientConfig(route_update_period=float("inf")))
+    router._updated = time.monotonic()
+    near, far = peer(1), peer(2)
+    router._online = [{near: ServerRecord(ServerState.ONLINE, 0, 4), far: ServerRecord(ServerState.ONLINE, 0, 4)}] * 4
+
+    def share_of_near(draws: int = 2000) -> float:
+        async def choose() -> list:
+            return [(await router.choose_span(0)).peer_id for _ in range(draws)]
+
+        return asyncio.run(choose()).count(near) / draws
+
+    random.seed(0)
+    assert 0.45 < share_of_near() < 0.55  # nothing measured: by span length alone
+    router.record_answer(near, 0.1)
+    router.record_answer(far, 0.5)  # 25 times the weight for the near one
+    assert 0.95 < share_of_near() < 0.99
+    for _ in range(20):
+        router.record_answer(far, 0.1)  # the far one got as fast: its average follows
+    assert 0.45 < share_of_near() < 0.55
+    router.record_answer(far, 5.0)
+    seconds, _ = router._answer_s[far]
+    router._answer_s[far] = (seconds, time.monotonic() - 61)  # measured too long ago: as fast as the fastest
+    assert 0.45 < share_of_near() < 0.55
 
 
 def hold_in_thread(

@@ -85,6 +85,7 @@ class ChainPasses:
             span = await self.router.choose_span(block, end)
             request_id = uuid.uuid4().hex
             tensors = [hidden, attention_mask]
+            sent = time.monotonic()
             try:
                 (output,), _ = await self._call("forward", span, tensors, prompts, request_id, keep=keep)
             except Exception as e:
@@ -93,6 +94,7 @@ class ChainPasses:
                 else:
                     failures = await self.on_failure("forward", span, failures, e, refusers)
                 continue
+            self.router.record_answer(span.peer_id, time.monotonic() - sent)
             self.on_answer(span, refusers)
             hops.append(Hop(span, hidden, request_id))
             hidden, block, failures, refusers = output, span.end, 0, []

@@ -2,7 +2,11 @@
 
 A client asks :meth:`BlockRouter.choose_span` for a server holding block ``i``; it gets the span that server
 covers from ``i`` on (at most up to ``end``), chosen at random among online, non-banned replicas with weight
-proportional to how many blocks the span covers (fewer hops, load spread over replicas). If no server is
+proportional to how many blocks the span covers (fewer hops) over the square of the seconds its server took
+to answer this client's forwards lately (:meth:`BlockRouter.record_answer`: a moving average of round trip,
+queue and compute together). A far, lossy or loaded replica is then chosen rarely but not never, and equal
+replicas share the load evenly; a server measured long ago, or never, counts as fast as the fastest, so a
+healed or new one is tried again. If no server is
 online for block ``i``, it waits up to ``block_wait_timeout`` seconds, re-reading the DHT, then raises
 :class:`MissingBlockError` naming the block.
 
@@ -40,6 +44,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 MAX_REPORTED = 1024  # bad records remembered as already reported (then forgotten, so reported again)
+ANSWER_WEIGHT = 0.3  # of the latest answer time in a server's moving average
+ANSWER_MEMORY_S = 60.0  # an answer time older than this no longer counts
 
 
 class MissingBlockError(RuntimeError):
@@ -182,6 +188,7 @@ class BlockRouter:
         self._expirations: dict["PeerID", float] = {}  # peer -> when its latest record expires
         self._unreachable: dict["PeerID", float] = {}  # peer -> the expiry of its records when it was found dead
         self._reported: set[tuple[str, str]] = set()  # bad records already warned about
+        self._answer_s: dict["PeerID", tuple[float, float]] = {}  # peer -> (moving average seconds, measured at)
         self._refresh_lock = asyncio.Lock()
 
     async def refresh(self) -> None:
@@ -216,8 +223,7 @@ class BlockRouter:
         while True:
             candidates = self._candidates(block, end)
             if candidates:
-                weights = [span.length for span in candidates]
-                return random.choices(candidates, weights=weights)[0]
+                return random.choices(candidates, weights=self._weights(candidates))[0]
             if self._foreign[block] is not None and not self._online[block] and not self._joining[block]:
                 raise ModelMismatchError(self.uids[block], self._foreign[block], self.model)
             waited = time.monotonic() - started
@@ -264,6 +270,24 @@ class BlockRouter:
 
     def on_success(self, peer_id: "PeerID") -> None:
         self._bans.pop(peer_id, None)
+
+    def record_answer(self, peer_id: "PeerID", seconds: float) -> None:
+        """``peer_id`` answered a forward in ``seconds`` (sent to received: the round trip, its queue, compute)."""
+        now = time.monotonic()
+        average, at = self._answer_s.get(peer_id, (seconds, now))
+        if now - at > ANSWER_MEMORY_S:
+            average = seconds
+        self._answer_s[peer_id] = ((1 - ANSWER_WEIGHT) * average + ANSWER_WEIGHT * seconds, now)
+
+    def _weights(self, spans: Sequence[RemoteSpan]) -> list[float]:
+        """``length / seconds ** 2`` per span (see the module's docstring); ``length`` while nothing is known."""
+        now = time.monotonic()
+        recent = {p: s for p, (s, at) in self._answer_s.items() if now - at <= ANSWER_MEMORY_S and s > 0}
+        known = [recent[span.peer_id] for span in spans if span.peer_id in recent]
+        if not known:
+            return [float(span.length) for span in spans]
+        fastest = min(known)
+        return [span.length / recent.get(span.peer_id, fastest) ** 2 for span in spans]
 
     def is_banned(self, peer_id: "PeerID") -> bool:
         return self._bans.get(peer_id, (0.0, 0))[0] > time.monotonic()
