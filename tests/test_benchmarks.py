@@ -252,3 +252,19 @@ def test_wan_swarm_interrupted_removes_its_namespaces_and_processes(tmp_path):
         assert not own & wan_namespaces()
     finally:
         benchmark.kill_everything()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(wan_network.unavailable_reason() is not None, reason=str(wan_network.unavailable_reason()))
+def test_wan_search_runs_the_tiny_search_against_servers_across_the_simulated_wan(tmp_path):
+    before = wan_namespaces()
+    overrides = ["budget.num_samples=2", "budget.max_steps=3", "baseline=false", "task.test_size=20"]
+    args = ["--rtt-ms", "40", "--concurrent", "2", *(f"--set={override}" for override in overrides)]
+    records = run_benchmark("wan_search", args, tmp_path)
+    (search,) = of(records, "wan_search")
+    assert (search["rtt_ms"], search["concurrent_trials"], search["trials"]) == (40, 2, 2)
+    assert_positive(search, "wall_s")
+    assert 0 <= search["best_val_accuracy"] <= 1
+    (summary,) = of(records, "wan_search_summary")
+    assert summary["wall_s"] == {"40ms": {"2": search["wall_s"]}}
+    assert wan_namespaces() == before
