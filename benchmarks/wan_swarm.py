@@ -137,7 +137,9 @@ def testbed(args: argparse.Namespace, model: Path, merging: bool, work: Path) ->
     hosts = ["bootstrap", *map(server_host, range(args.servers)), *map(client_host, range(args.client_hosts))]
     settings = ServerSettings(merge=MergeLimits() if merging else MergeLimits(max_tokens=0))
     clients = max(args.clients) if not args.faults else args.fault_clients
-    spec = ClientHostSpec(str(model), [], clients, args.batch, args.length, args.request_timeout)
+    spec = ClientHostSpec(
+        str(model), [], clients, args.batch, args.length, args.request_timeout, not args.connection_per_client
+    )
     log_dir = work / f"merging-{merging}"
     with WanNetwork(hosts) as network:
         for host in hosts:
@@ -265,6 +267,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="each host's upload")
     parser.add_argument("--loss", type=float, default=0.0, help="share of frames lost on each link")
+    parser.add_argument(
+        "--connection-per-client",
+        action="store_true",
+        help="each client its own p2p daemon and peer id (default: one per client host)",
+    )
     parser.add_argument("--request-timeout", type=float, help="seconds (default: 30, with --faults 5)")
     parser.add_argument("--faults", action="store_true", help="the link faults' phases instead of the sweep")
     parser.add_argument("--fault-clients", type=int, default=4)

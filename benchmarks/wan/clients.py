@@ -33,6 +33,7 @@ class ClientHostSpec:
     batch: int
     length: int
     request_timeout: float
+    shared_connection: bool = True  # one p2p daemon and peer id for the host's clients, or one each
     seed: int = 0
 
 
@@ -82,12 +83,14 @@ def build_clients(spec: ClientHostSpec) -> list[SwarmClient]:
 
     settings = {"initial_peers": spec.initial_peers, "request_timeout": spec.request_timeout}
     config = distributed_config(DistributedLlamaModel, spec.model, None, settings)
-    connection = SwarmConnection(spec.initial_peers)
     prefix = model_prefix(config)
-    return [
-        SwarmClient(RemoteBlockChain(connection, prefix, config.num_hidden_layers, config), spec, config.hidden_size, i)
-        for i in range(spec.seed, spec.seed + spec.max_clients)
-    ]
+    shared = SwarmConnection(spec.initial_peers) if spec.shared_connection else None
+    clients = []
+    for seed in range(spec.seed, spec.seed + spec.max_clients):
+        connection = shared or SwarmConnection(spec.initial_peers)
+        chain = RemoteBlockChain(connection, prefix, config.num_hidden_layers, config)
+        clients.append(SwarmClient(chain, spec, config.hidden_size, seed))
+    return clients
 
 
 def run_phase(clients: list[SwarmClient], seconds: float) -> list[dict[str, Any]]:
