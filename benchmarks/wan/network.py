@@ -63,7 +63,8 @@ class WanNetwork:
         tag = f"{PREFIX}{os.getpid()}"
         self.netns = {host: f"{tag}-{index}" for index, host in enumerate(self.hosts)}
         self.ports = {host: index for index, host in enumerate([*self.hosts, CONTROL])}
-        self.taps = {host: f"{tag}t{index}" for host, index in self.ports.items()}
+        # Interface names hold at most 15 characters: "pw", a pid of up to 7 digits, "t", an index of up to 3.
+        self.taps = {host: f"pw{os.getpid()}t{index}" for host, index in self.ports.items()}
         self.addresses = {host: f"{SUBNET_PREFIX}.0.{index + 1}" for host, index in self.ports.items()}
         self.addresses[CONTROL] = f"{SUBNET_PREFIX}.255.254"
         self._switch: Optional[subprocess.Popen] = None
