@@ -239,12 +239,13 @@ def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     hidden = rate(100, 16), rate(0, 16)
     splits = [r["replica_split"] for r in busy if r["replica_split"] is not None]
     spreads = [r["max_over_min_client"] for r in busy if r["max_over_min_client"] is not None]
+    tails = [round(r["step_s_p99"] / r["step_s_p50"], 3) for r in busy if r["step_s_p50"]]
     return {
         "benchmark": "wan_swarm_summary",
         "rtt_ms": sorted({r["rtt_ms"] for r in records}),
         "tokens_per_s_by_clients": rates_by_clients(records),
         "latency_hidden_16": round(hidden[0] / hidden[1], 3) if all(hidden) else None,
-        "p99_over_p50": max((r["step_s_p99"] / r["step_s_p50"] for r in busy if r["step_s_p50"]), default=None),
+        "p99_over_p50": max(tails, default=None),
         "max_over_min_client": max(spreads, default=None),
         "replica_split": max(splits, default=None),
         "failed_steps": sum(r["failed_steps"] for r in records),
