@@ -116,11 +116,12 @@ class Testbed:
 
     def measure(self, clients: int, seconds: float, fault: Optional[ContextManager[object]] = None) -> dict[str, Any]:
         """``clients`` clients for ``seconds`` (within ``fault``): their figures and what the servers did. The
-        servers' counters are read outside ``fault``: a server cut off could not answer."""
-        before = server_infos(self.swarm, self.connection)
+        servers' counters are read within ``fault`` (a host cut off still answers this process): what a cut
+        server did counts while it is cut off, not its stale requests delivered once it is healed."""
         with fault or contextlib.nullcontext():
+            before = server_infos(self.swarm, self.connection)
             results, until = self.client_hosts.run(clients, seconds)
-        after = server_infos(self.swarm, self.connection)
+            after = server_infos(self.swarm, self.connection)
         requests = requests_by_server(before, after)
         batches, merged = merges(before, after)
         return {
@@ -165,7 +166,7 @@ def sweep(bed: Testbed, merging: bool) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def shaped(network: WanNetwork, host: str, during: dict[str, float], after: dict[str, float]) -> Iterator[None]:
+def shaped(network: WanNetwork, host: str, during: dict[str, Any], after: dict[str, Any]) -> Iterator[None]:
     network.shape(host, **during)
     try:
         yield
@@ -189,13 +190,12 @@ def faults(bed: Testbed) -> list[dict[str, Any]]:
     args, network = bed.args, bed.network
     rtt = args.fault_rtt_ms
     network.shape_all(delay_ms=rtt / 4, jitter_ms=rtt / 40)
-    clean = {"delay_ms": rtt / 4, "loss": 0.0}
     cut, lossy, slow = (server_host(index % args.servers) for index in range(3))
     phases: list[tuple[str, float, Optional[ContextManager[object]]]] = [
         ("steady", args.seconds, None),
-        ("partition", args.partition_s, shaped(network, cut, {"loss": 1.0}, clean)),
+        ("partition", args.partition_s, shaped(network, cut, {"cut": True}, {"cut": False})),
         ("healed", args.heal_s, None),
-        ("loss_10", args.seconds, shaped(network, lossy, {"loss": 0.1}, clean)),
+        ("loss_10", args.seconds, shaped(network, lossy, {"loss": 0.1}, {"loss": 0.0})),
         ("slow_link", args.seconds, rate_limited(network, slow, 1.0, args.rate_mbit)),
     ]
     records = []

@@ -5,7 +5,9 @@ the process that opened it; this process opens one TAP per host (a network names
 to the port of its destination MAC (learnt from the sources; unknown and broadcast ones to all) and holds it
 until its time: the sender's port delay plus the receiver's, plus jitter, at most one frame of the same pair
 of ports overtaking none (TCP would take reordering for loss). A frame is lost with the sender's or the
-receiver's loss probability; loss 1.0 cuts the host off (a partition). Every shape can change while it runs.
+receiver's loss probability; loss 1.0 cuts the host off. A host ``cut`` off reaches only the spared ports
+(``spared`` in the spec: the port of the process that watches the network), a partition that leaves the
+watcher its view. Every shape can change while it runs.
 Rates are left to ``tc tbf`` on each TAP inside its namespace (that works on this kernel).
 
 Why a switch and not a delaying TCP relay in front of each server: it delays every packet of every
@@ -15,7 +17,8 @@ process shapes all links.
 Run by :class:`benchmarks.wan.network.WanNetwork` as ``python -m benchmarks.wan.delay_switch``; it reads a
 JSON line ``{"ports": [{"name", "netns", "address", "mtu"}, ...], "seed": 0}`` on stdin, creates and
 configures the TAPs, prints ``{"ready": true}``, then takes commands, one JSON line each, until stdin closes:
-``{"shape": i, "delay_ms": 25, "jitter_ms": 2, "loss": 0.1}`` and ``{"stats": true}`` (prints the counters).
+``{"shape": i, "delay_ms": 25, "jitter_ms": 2, "loss": 0.1, "cut": false}`` (answers ``{"ok": true}`` once
+it holds) and ``{"stats": true}`` (answers the counters). The spec's ``spared``: port indexes never cut.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class LinkShape:
     delay_ms: float = 0.0  # one way, between this host and the switch
     jitter_ms: float = 0.0  # uniform in [0, jitter_ms), added to the delay
     loss: float = 0.0  # probability that a frame to or from this host is lost
+    cut: bool = False  # frames between this host and any port but the spared ones are lost
 
 
 def open_tap(name: str) -> int:
@@ -66,8 +70,8 @@ def configure(port: dict[str, Any]) -> None:
 
 
 class DelaySwitch:
-    def __init__(self, fds: list[int], seed: int = 0):
-        self.fds = fds
+    def __init__(self, fds: list[int], seed: int = 0, spared: frozenset[int] = frozenset()):
+        self.fds, self.spared = fds, spared
         self.shapes = [LinkShape() for _ in fds]
         self.random = random.Random(seed)
         self.port_of_mac: dict[bytes, int] = {}
@@ -89,7 +93,8 @@ class DelaySwitch:
         sender = self.shapes[port]
         for target in targets:
             receiver = self.shapes[target]
-            if self.random.random() < sender.loss or self.random.random() < receiver.loss:
+            cut = (sender.cut or receiver.cut) and port not in self.spared and target not in self.spared
+            if cut or self.random.random() < sender.loss or self.random.random() < receiver.loss:
                 self.stats["lost"] += 1
                 continue
             if self.held_bytes + len(frame) > MAX_HELD_BYTES:
@@ -123,6 +128,9 @@ def command(switch: DelaySwitch, line: str) -> None:
         for field in ("delay_ms", "jitter_ms", "loss"):
             if field in request:
                 setattr(shape, field, float(request[field]))
+        if "cut" in request:
+            shape.cut = bool(request["cut"])
+        print(json.dumps({"ok": True}), flush=True)
     if request.get("stats"):
         print(json.dumps(switch.stats), flush=True)
 
@@ -156,7 +164,7 @@ def main() -> None:
     fds = [open_tap(port["name"]) for port in spec["ports"]]
     for port in spec["ports"]:
         configure(port)
-    switch = DelaySwitch(fds, spec.get("seed", 0))
+    switch = DelaySwitch(fds, spec.get("seed", 0), frozenset(spec.get("spared", ())))
     for line in lines:
         command(switch, line)
     selector = selectors.DefaultSelector()

@@ -4,7 +4,8 @@ Each host is a namespace ``ptwan<pid>-<index>`` with one TAP on a :mod:`delay_sw
 198.18.0.0/16 (the range set aside for benchmarks, RFC 2544). The process that builds the network gets a port
 of its own (``control``), so that it can start a swarm in the namespaces and ask its servers for their
 counters. Links are shaped while the network runs: :meth:`WanNetwork.shape` (delay, jitter, loss, on the
-switch) and :meth:`WanNetwork.rate` (``tc tbf`` on the host's TAP: its upload).
+switch; a host cut off still answers this process) and :meth:`WanNetwork.rate` (``tc tbf`` on the host's TAP:
+its upload).
 
 Example::
 
@@ -97,7 +98,7 @@ class WanNetwork:
             text=True,
             start_new_session=True,  # Ctrl-C reaches the benchmark, which then closes the switch in order
         )
-        self._send({"ports": ports, "seed": self.seed})
+        self._send({"ports": ports, "seed": self.seed, "spared": [self.ports[CONTROL]]})
         answer = self._switch.stdout.readline()
         if not answer or not json.loads(answer).get("ready"):
             raise RuntimeError(f"the delay switch did not start (exit code {self._switch.poll()})")
@@ -121,10 +122,15 @@ class WanNetwork:
         delay_ms: Optional[float] = None,
         jitter_ms: Optional[float] = None,
         loss: Optional[float] = None,
+        cut: Optional[bool] = None,
     ) -> None:
-        """Shape ``host``'s link: one-way delay and jitter to the switch, and the share of frames lost on it."""
-        fields = {"delay_ms": delay_ms, "jitter_ms": jitter_ms, "loss": loss}
+        """Shape ``host``'s link: one-way delay and jitter to the switch, the share of frames lost on it, and
+        whether it is cut off from every host (this process's port still reaches it). Returns once it holds."""
+        fields = {"delay_ms": delay_ms, "jitter_ms": jitter_ms, "loss": loss, "cut": cut}
         self._send({"shape": self.ports[host], **{k: v for k, v in fields.items() if v is not None}})
+        answer = self._switch.stdout.readline()
+        if not answer or not json.loads(answer).get("ok"):
+            raise RuntimeError(f"the delay switch did not take the shape (exit code {self._switch.poll()})")
 
     def shape_all(self, **shape: float) -> None:
         for host in self.hosts:

@@ -20,8 +20,10 @@ from benchmarks.wan.network import PREFIX, WanNetwork, unavailable_reason
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
 
-def probe(network: WanNetwork, size: int = 1) -> dict:
-    command = [*network.exec_prefix("a"), sys.executable, "-m", "tests.reliability.tcp_probe", "probe"]
+def probe(network: WanNetwork, size: int = 1, here: bool = False) -> dict:
+    """Probe host b from host a (``here``: from this process, on the network's own port)."""
+    where = [] if here else network.exec_prefix("a")
+    command = [*where, sys.executable, "-m", "tests.reliability.tcp_probe", "probe"]
     done = subprocess.run([*command, network.address("b"), str(size)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -55,9 +57,11 @@ def test_each_shape_shows_on_the_wire_and_nothing_is_left_after():
             network.rate("a", None)
             assert probe(network, size=2_000_000)["echo_s"] < 1.0
 
-            network.shape("b", loss=1.0)  # cut off
-            assert "error" in probe(network)
-            network.shape("b", loss=0.0)
+            network.shape("b", loss=1.0)  # every frame lost: nobody reaches it
+            assert "error" in probe(network) and "error" in probe(network, here=True)
+            network.shape("b", loss=0.0, cut=True)  # cut off from the hosts, not from the network's own port
+            assert "error" in probe(network) and "rtt_s" in probe(network, here=True)
+            network.shape("b", cut=False)
             assert "rtt_s" in probe(network)
             assert network.switch_stats()["lost"] > 0
             assert len(own_namespaces()) == 2
