@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import psutil
 import torch
 
-from benchmarks.load_harness.runner import server_infos
+from benchmarks.load_harness.runner import info_growth, server_infos
 from benchmarks.swarm_step import BATCH, LENGTH, TimedTraining, build_model, make_batch, throughput
 from ptune_search.pretrained import resolve_model
 from ptune_search.swarm.client.connection import SwarmConnection
@@ -120,9 +120,7 @@ def server_counts(before: dict[str, dict], after: dict[str, dict]) -> dict[str, 
     counts = {}
     for group, keys in groups.items():
         for key in keys:
-            counts[key] = sum(
-                info[group][key] - before.get(name, {}).get(group, {}).get(key, 0) for name, info in after.items()
-            )
+            counts[key] = sum(info_growth(before, after, group, key).values())
     return counts
 
 

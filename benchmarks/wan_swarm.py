@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, ContextManager, Iterator, Optional, Sequence
 
-from benchmarks.load_harness.runner import server_infos
+from benchmarks.load_harness.runner import info_growth, server_infos
 from benchmarks.swarm_step import steps_done
 from benchmarks.wan.clients import ClientHostSpec
 from benchmarks.wan.network import WanNetwork, unavailable_reason
@@ -45,6 +45,7 @@ from ptune_search.swarm.server.fair_queue import MergeLimits
 from ptune_search.swarm.server.settings import ServerSettings
 from ptune_search.tiny_llama import make_tiny_llama
 
+COMPUTE_COUNTERS = ("tasks", "merged_batches", "merged_requests")
 QUICK = {"rtt_ms": [0, 100], "clients": [1, 16, 64], "merging": [True], "seconds": 12.0}
 
 
@@ -59,17 +60,13 @@ def percentile(values: Sequence[float], share: float) -> float:
 
 def requests_by_server(before: dict[str, dict], after: dict[str, dict]) -> dict[str, int]:
     """Requests each server took between two info snapshots (a merged batch counts its requests)."""
-
-    def requests(info: dict) -> int:
-        compute = info.get("compute", {})
-        return compute.get("tasks", 0) - compute.get("merged_batches", 0) + compute.get("merged_requests", 0)
-
-    return {name: requests(info) - requests(before.get(name, {})) for name, info in after.items()}
+    tasks, batches, merged = (info_growth(before, after, "compute", key) for key in COMPUTE_COUNTERS)
+    return {name: tasks[name] - batches[name] + merged[name] for name in tasks}
 
 
 def merges(before: dict[str, dict], after: dict[str, dict]) -> tuple[int, int]:
-    batches = sum(i["compute"]["merged_batches"] - before[n]["compute"]["merged_batches"] for n, i in after.items())
-    merged = sum(i["compute"]["merged_requests"] - before[n]["compute"]["merged_requests"] for n, i in after.items())
+    """Merged batches of all servers between two info snapshots, and the requests in them."""
+    _, batches, merged = (sum(info_growth(before, after, "compute", key).values()) for key in COMPUTE_COUNTERS)
     return batches, merged
 
 

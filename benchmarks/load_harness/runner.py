@@ -41,6 +41,11 @@ def server_infos(swarm: "LocalSwarm", connection: "SwarmConnection") -> dict[str
     return infos
 
 
+def info_growth(before: dict[str, dict], after: dict[str, dict], group: str, key: str) -> dict[str, int]:
+    """Per server, how much the counter ``group.key`` of its info grew between two :func:`server_infos`."""
+    return {name: info[group][key] - before.get(name, {}).get(group, {}).get(key, 0) for name, info in after.items()}
+
+
 def run_load(
     model: str | Path, swarm: "LocalSwarm", shape: Optional[LoadShape] = None, work_dir: Optional[Path] = None
 ) -> LoadReport:
